@@ -1,0 +1,211 @@
+"""`fwdata` command line. Commands are thin: they parse options and call library functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fwdata.cli_common import EXIT_USAGE, fail, version_callback
+from fwdata.contract import ContractError, export_schemas, json_schemas, load_metadata
+
+app = typer.Typer(
+    name="fwdata",
+    help="Turn raw videos into geometry-labelled training data (depth, point maps, cameras) and check it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+schema_app = typer.Typer(help="JSON Schemas of the dataset contract.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+console = Console()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Raw videos in; depth maps, point maps, cameras and metadata.json out."""
+
+
+# --------------------------------------------------------------------------- synth
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Dataset folder to write (created if missing)."),
+    scenes: int = typer.Option(4, "--scenes", "-n", help="Number of clips (one scene each)."),
+    frames: int = typer.Option(49, help="Frames per clip, 4k+1."),
+    height: int = typer.Option(192, help="Frame height in pixels, a multiple of 16."),
+    width: int = typer.Option(336, help="Frame width in pixels, a multiple of 16."),
+    fov: float = typer.Option(60.0, help="Horizontal field of view, degrees."),
+    fps: float = typer.Option(16.0, help="Frame rate of the written videos."),
+    seed: int = typer.Option(0, help="Seed of the first scene; scene i uses seed + i."),
+    paths: str = typer.Option("orbit,forward,pan,rotate", help="Camera path kinds, cycled over the scenes."),
+    no_ply: bool = typer.Option(False, "--no-ply", help="Skip the fused .ply clouds (faster)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Render synthetic textured scenes with known cameras and depth, as a ground-truth dataset.
+
+    Writes OUT/videos/*.mp4 plus exact depth, point maps and cameras (metres, frame 0 = world)
+    in the dataset contract. Seeded and deterministic; finished clips are skipped on rerun.
+    """
+    from fwdata.synth_dataset import SynthOptions, check_options, write_synthetic_dataset
+
+    opts = SynthOptions(num_scenes=scenes, num_frames=frames, height=height, width=width, fov_w_deg=fov, fps=fps,
+                        seed=seed, path_kinds=[p.strip() for p in paths.split(",") if p.strip()],
+                        write_ply=not no_ply)
+    try:
+        check_options(opts)
+    except ValueError as e:
+        fail(str(e))
+    from rich.progress import Progress
+
+    with Progress(console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("rendering", total=scenes)
+        meta = write_synthetic_dataset(out, opts, progress=lambda sid: progress.advance(task))
+    if not quiet:
+        console.print(f"wrote {meta.statistics.num_samples} synthetic clips to {out}")
+
+
+# --------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-sample table as JSON lines."),
+) -> None:
+    """Show a dataset's structure: folders, samples with their size and quality, failures, splits."""
+    try:
+        meta = load_metadata(dataset)
+    except ContractError as e:
+        fail(str(e))
+    df = meta.to_frame()
+    if as_json:
+        typer.echo(df.to_json(orient="records", lines=True))
+        return
+    print_dataset_summary(dataset, meta)
+
+
+def print_dataset_summary(dataset: Path, meta) -> None:
+    from fwdata.store import dataset_dirs
+
+    df = meta.to_frame()
+    folders = ", ".join(f"{d.name}/ ({sum(1 for _ in d.iterdir()) if d.is_dir() else 0} files)"
+                        for d in dataset_dirs(dataset))
+    console.print(f"[bold]{dataset}[/]  schema {meta.schema_version}  made by {meta.provenance.tool} "
+                  f"{meta.provenance.tool_version} ({meta.provenance.command})")
+    console.print(folders)
+    table = Table(show_lines=False)
+    cols = ["id", "split", "status", "T", "H", "W", "fps", "scale"]
+    quality = [c for c in ("registered_ratio", "depth_sfm_absrel", "multiview_consistency", "path_length")
+               if c in df and df[c].notna().any()]
+    for c in cols + quality:
+        table.add_column(c)
+    for _, row in df.iterrows():
+        table.add_row(*[f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols + quality])
+    console.print(table)
+    st = meta.statistics
+    console.print(f"{st.num_samples} samples ({st.num_ok} ok, {st.num_gated_out} gated out), "
+                  f"{st.total_frames} frames, {st.duration_s:.1f} s of video; {st.num_failed_inputs} failed inputs; "
+                  f"splits: " + ", ".join(f"{k}={len(v)}" for k, v in meta.splits.items()))
+    for f in meta.failures:
+        console.print(f"  failed: {f.source} [{f.stage}] {f.reason}", highlight=False)
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@app.command()
+def doctor(
+    videos: Optional[List[Path]] = typer.Argument(None, help="Input videos or folders, to estimate the disk needed."),
+    out: Path = typer.Option(Path("dataset"), "--out", help="Where the dataset will be written."),
+    depth_model: str = typer.Option("depth-anything/Depth-Anything-V2-Small-hf", help="Hub id or local directory."),
+    frames: int = typer.Option(81, help="Frames per clip (for the disk estimate)."),
+    height: int = typer.Option(336, help="Clip height (for the disk estimate)."),
+    width: int = typer.Option(592, help="Clip width (for the disk estimate)."),
+    need_gpu: bool = typer.Option(False, "--need-gpu", help="Treat a missing GPU as a problem."),
+) -> None:
+    """Check torch, GPUs, free disk against what the build will write, packages and the depth model.
+
+    Exits 1 with one line per problem when something required is missing.
+    """
+    from fwdata.doctor import DoctorOptions, estimate_dataset_bytes, run_doctor
+
+    files = list(_video_files(videos or []))
+    needed, clips = estimate_dataset_bytes(files, frames, height, width) if files else (0, 0)
+    notes = [f"estimate: {len(files)} videos -> about {clips} clips of {frames}x{height}x{width}"] if files else []
+    opts = DoctorOptions(path=out, required_free_bytes=needed, need_gpu=need_gpu, depth_model=depth_model,
+                         purpose="build", notes=notes)
+    raise typer.Exit(run_doctor(opts, console))
+
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+
+
+def _video_files(paths: List[Path]):
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_SUFFIXES)
+        elif p.exists():
+            yield p
+        else:
+            fail(f"{p} does not exist")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@schema_app.command("export")
+def schema_export(directory: Path = typer.Argument(Path("docs/schemas"), help="Folder to write the schemas to.")) -> None:
+    """Write the JSON Schemas of metadata.json and the camera files (from the pydantic models)."""
+    for p in export_schemas(directory):
+        console.print(f"wrote {p}")
+
+
+@schema_app.command("check")
+def schema_check(directory: Path = typer.Argument(Path("docs/schemas"), help="Folder holding exported schemas.")) -> None:
+    """Exit 1 when the schemas in DIRECTORY differ from the models (run `fwdata schema export`)."""
+    stale = []
+    for name, text in json_schemas().items():
+        p = directory / name
+        if not p.is_file() or p.read_text() != text:
+            stale.append(name)
+    if stale:
+        console.print(f"out of date: {', '.join(stale)}; run `fwdata schema export {directory}`")
+        raise typer.Exit(1)
+    console.print("schemas are up to date")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    out: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """The main job end to end on the bundled default: render example clips, write and inspect the dataset."""
+    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+
+    console.print("[bold]1/2[/] rendering 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
+    gt = out / "synthetic"
+    write_synthetic_dataset(gt, SynthOptions(num_scenes=4, num_frames=33, height=192, width=336),
+                            progress=None if quiet else (lambda sid: console.print(f"  {sid}")))
+    console.print("[bold]2/2[/] reading the dataset back through the contract")
+    try:
+        meta = load_metadata(gt)
+    except ContractError as e:
+        fail(str(e), code=1)
+    print_dataset_summary(gt, meta)
+    console.print(f"[green]demo finished[/]: dataset at {gt}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,206 @@
+"""Environment checks behind `fwdata doctor` and `fwmodel doctor`.
+
+Each check gives one row (name, ok, detail); problems that stop the job are listed one per
+line and make the command exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+#: packages the product uses, import name -> distribution name
+KEY_PACKAGES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "transformers": "transformers",
+    "diffusers": "diffusers",
+    "pycolmap": "pycolmap",
+    "open3d": "open3d",
+    "decord": "decord",
+    "av": "av",
+    "pandas": "pandas",
+    "pydantic": "pydantic",
+    "typer": "typer",
+    "safetensors": "safetensors",
+    "tensorboard": "tensorboard",
+    "accelerate": "accelerate",
+}
+
+#: bytes per output pixel of one sample: depth f32 + valid + points 3xf16 + valid, before compression,
+#: plus ~5% for video, cameras and the fused cloud
+BYTES_PER_PIXEL = (4 + 1 + 6 + 1) * 1.05
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+@dataclass
+class DoctorOptions:
+    path: Path
+    required_free_bytes: int = 0
+    need_gpu: bool = False
+    weights: Optional[Path] = None
+    depth_model: Optional[str] = None
+    purpose: str = "build"
+    notes: list[str] = field(default_factory=list)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the key packages ('missing' when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for mod, dist in KEY_PACKAGES.items():
+        try:
+            out[mod] = version(dist)
+        except PackageNotFoundError:
+            out[mod] = "missing"
+    return out
+
+
+def check_packages() -> list[Check]:
+    checks = []
+    versions = package_versions()
+    for mod in KEY_PACKAGES:
+        try:
+            importlib.import_module(mod)
+            checks.append(Check(f"package {mod}", True, versions[mod]))
+        except Exception as e:  # ImportError, or OSError for a missing system library
+            hint = ""
+            if "libusb" in str(e):
+                hint = " (install the system library: apt-get install -y libusb-1.0-0)"
+            checks.append(Check(f"package {mod}", False, f"cannot import: {str(e).splitlines()[0]}{hint}"))
+    return checks
+
+
+def check_torch(need_gpu: bool) -> list[Check]:
+    try:
+        import torch
+    except Exception as e:
+        return [Check("torch", False, f"cannot import torch: {e}")]
+    cuda = torch.version.cuda
+    build = f"CUDA {cuda}" if cuda else "CPU"
+    checks = [Check("torch", True, f"{torch.__version__} ({build} build)")]
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n:
+        gpus = []
+        for i in range(n):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(f"{p.name} {p.total_memory / 2**30:.0f} GiB")
+        checks.append(Check("gpus", True, f"{n}: " + ", ".join(gpus)))
+    else:
+        why = "CPU build of torch" if not cuda else "no GPU visible (check CUDA_VISIBLE_DEVICES / drivers)"
+        checks.append(Check("gpus", not need_gpu, f"0 ({why})", required=need_gpu))
+    return checks
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk(path: Path, required_bytes: int) -> Check:
+    free = shutil.disk_usage(_existing_parent(path)).free
+    detail = f"{free / 1e9:.1f} GB free at {path}"
+    if required_bytes:
+        detail += f", about {required_bytes / 1e9:.1f} GB needed"
+    return Check("disk", free >= required_bytes, detail)
+
+
+def estimate_dataset_bytes(videos: Sequence[Path], num_frames: int = 81, height: int = 336, width: int = 592,
+                           stride: int = 1) -> tuple[int, int]:
+    """(estimated bytes, estimated clips) for building a dataset from `videos` (files probed with decord).
+
+    Each clip of `num_frames` frames sampled every `stride` source frames becomes one sample of
+    num_frames x height x width pixels. Unreadable videos count as zero.
+    """
+    from fwdata.video import VideoError, probe
+
+    clips = 0
+    for v in videos:
+        try:
+            info = probe(v)
+        except VideoError:
+            continue
+        clips += info.num_frames // (num_frames * stride)
+    return int(clips * num_frames * height * width * BYTES_PER_PIXEL), clips
+
+
+def check_depth_model(name: str) -> Check:
+    """Is the Depth Anything model available offline (local dir, or in the Hugging Face cache)?"""
+    if name == "random-tiny":
+        return Check("depth model", True, "random-tiny (randomly initialised: labels are not real)", required=False)
+    p = Path(name)
+    if p.exists():
+        ok = (p / "config.json").is_file()
+        return Check("depth model", ok, f"{p} " + ("(local)" if ok else "has no config.json"))
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, local_files_only=True)
+        return Check("depth model", True, f"{name} (cached at {local})")
+    except Exception:
+        return Check("depth model", False,
+                     f"{name} is not downloaded; run `huggingface-cli download {name}` on a machine with "
+                     "internet, or pass --depth-model with a local directory")
+
+
+def check_wan_weights(path: Optional[Path]) -> Check:
+    if path is None:
+        return Check("wan2.1 weights", False, "not configured: pass --weights PATH (diffusers directory or single file)",
+                     required=False)
+    if path.is_dir():
+        ok = (path / "config.json").is_file() or (path / "transformer").is_dir()
+        return Check("wan2.1 weights", ok, f"{path}" + ("" if ok else ": no config.json or transformer/ inside"))
+    if path.is_file():
+        return Check("wan2.1 weights", True, f"{path} ({path.stat().st_size / 1e9:.1f} GB)")
+    return Check("wan2.1 weights", False, f"{path} does not exist")
+
+
+def collect(opts: DoctorOptions) -> list[Check]:
+    checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0])]
+    checks += check_torch(opts.need_gpu)
+    checks.append(check_disk(opts.path, opts.required_free_bytes))
+    checks += check_packages()
+    if opts.depth_model:
+        checks.append(check_depth_model(opts.depth_model))
+    if opts.purpose == "train":
+        checks.append(check_wan_weights(opts.weights))
+    return checks
+
+
+def run_doctor(opts: DoctorOptions, console: Optional[Console] = None) -> int:
+    """Print the checks as a table and the problems one per line. Returns the exit code (0 or 1)."""
+    console = console or Console()
+    checks = collect(opts)
+    table = Table(title=f"fw {opts.purpose} environment", show_lines=False)
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for c in checks:
+        status = "[green]ok[/]" if c.ok else ("[red]PROBLEM[/]" if c.required else "[yellow]warning[/]")
+        table.add_row(c.name, status, c.detail)
+    console.print(table)
+    for note in opts.notes:
+        console.print(note)
+    problems = [c for c in checks if not c.ok and c.required]
+    for c in problems:
+        console.print(f"PROBLEM {c.name}: {c.detail}", highlight=False, soft_wrap=True)
+    if not problems:
+        console.print("all required checks passed")
+    return 1 if problems else 0

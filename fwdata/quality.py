@@ -1,0 +1,96 @@
+"""Per-clip quality metrics shared by the build (recorded in metadata) and validation (recomputed).
+
+All functions take contract arrays: frames (T,H,W,3) uint8, depth (T,H,W) z-depth with valid
+(T,H,W) bool, K (T,3,3) pixels, w2c (T,4,4) OpenCV world-to-camera.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from fwdata import camera
+
+
+def frame_pairs(num_frames: int, gaps: Sequence[int] = (1, 4), max_pairs: int = 32) -> list[tuple[int, int]]:
+    """Frame pairs (i, i + gap) spread evenly over the clip, at most `max_pairs` of them."""
+    pairs = [(i, i + g) for g in gaps for i in range(num_frames - g)]
+    if len(pairs) > max_pairs:
+        idx = np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)
+        pairs = [pairs[i] for i in idx]
+    return pairs
+
+
+def depth_agreement(depth_a: np.ndarray, valid_a: np.ndarray, K_a: np.ndarray, w2c_a: np.ndarray,
+                    depth_b: np.ndarray, valid_b: np.ndarray, K_b: np.ndarray, w2c_b: np.ndarray,
+                    rel_tol: float = 0.05, stride: int = 2) -> tuple[int, int]:
+    """Warp frame a's depth into frame b and compare with frame b's depth.
+
+    Returns (agreeing, overlapping): pixels of a (every `stride`-th) that land inside b on a
+    valid pixel, and how many of those have |z_warped - depth_b| <= rel_tol * depth_b.
+    Occlusions count as disagreement, so a perfect scene scores slightly below 1.
+    """
+    uv_b, z_b = camera.reproject_depth(depth_a, K_a, w2c_a, K_b, w2c_b)
+    uv_b, z_b = uv_b[::stride, ::stride].reshape(-1, 2), z_b[::stride, ::stride].reshape(-1)
+    sampled, inside = camera.sample_depth_nearest(depth_b, uv_b)
+    H, W = depth_b.shape
+    ij = np.clip(np.nan_to_num(np.floor(uv_b)).astype(np.int64), 0, [W - 1, H - 1])
+    overlap = valid_a[::stride, ::stride].reshape(-1) & inside & (z_b > 0) & valid_b[ij[:, 1], ij[:, 0]]
+    if not overlap.any():
+        return 0, 0
+    err = np.abs(z_b[overlap] - sampled[overlap]) <= rel_tol * sampled[overlap]
+    return int(err.sum()), int(overlap.sum())
+
+
+def multiview_consistency(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, w2c: np.ndarray,
+                          rel_tol: float = 0.05, pairs: Optional[list[tuple[int, int]]] = None) -> Optional[float]:
+    """Fraction of overlapping pixels whose depth agrees (within rel_tol) after warping between frames.
+
+    Uses `frame_pairs` by default. None when no pair overlaps (e.g. a single frame).
+    """
+    T = depth.shape[0]
+    pairs = frame_pairs(T) if pairs is None else pairs
+    agree = total = 0
+    for i, j in pairs:
+        a, n = depth_agreement(depth[i], valid[i], K[i], w2c[i], depth[j], valid[j], K[j], w2c[j], rel_tol)
+        agree += a
+        total += n
+    return agree / total if total else None
+
+
+def blur_score(frames: np.ndarray, max_frames: int = 16) -> float:
+    """Mean variance of the Laplacian of the luma over up to `max_frames` frames (higher = sharper)."""
+    idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    scores = [ndimage.laplace(luma(frames[i])).var() for i in idx]
+    return float(np.mean(scores))
+
+
+def luma(frame: np.ndarray) -> np.ndarray:
+    """BT.601 luma (H,W) float64 in 0..255 of an RGB uint8 frame (H,W,3)."""
+    return frame[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def brightness(frames: np.ndarray) -> float:
+    """Mean luma 0..255 over the clip."""
+    step = max(1, len(frames) // 16)
+    return float(np.mean([luma(f).mean() for f in frames[::step]]))
+
+
+def camera_motion(w2c: np.ndarray) -> tuple[float, float]:
+    """(path length of the camera centres in the dataset unit, largest rotation from frame 0 in degrees)."""
+    centres = camera.camera_centers(w2c)
+    path = float(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum()) if len(w2c) > 1 else 0.0
+    R0 = w2c[0, :3, :3]
+    rel = w2c[:, :3, :3] @ R0.T
+    rot = float(max(camera.rotation_angle_deg(r) for r in rel))
+    return path, rot
+
+
+def field_of_view_deg(K: np.ndarray, height: int, width: int) -> tuple[float, float]:
+    """(vertical, horizontal) field of view in degrees of K (3,3) (or the mean over (T,3,3))."""
+    K = np.asarray(K).reshape(-1, 3, 3)
+    fov_h = np.degrees(camera.focal_to_fov(K[:, 1, 1].mean(), height))
+    fov_w = np.degrees(camera.focal_to_fov(K[:, 0, 0].mean(), width))
+    return float(fov_h), float(fov_w)

@@ -1,0 +1,217 @@
+"""Writing datasets: atomic files, one sample at a time, and metadata.json.
+
+A sample's files are written under temporary names in their final folders and renamed into
+place only when all of them are complete; then a small marker `.fwdata/done/<id>.json` holding
+the sample's record is written (last). A sample counts as finished only when its marker exists,
+so a killed build never leaves a half sample that looks whole, and a rerun skips what is done
+(the datatrove "completion marker" pattern). `metadata.json` is assembled from the markers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from fwdata import camera
+from fwdata.contract import (
+    CAMERAS_DIR,
+    DEPTH_DIR,
+    DEPTH_NPZ,
+    METADATA_FILE,
+    POINTS_DIR,
+    POINTS_NPZ,
+    VIDEOS_DIR,
+    CameraFile,
+    ContractError,
+    DatasetMetadata,
+    SampleRecord,
+    check_npz_arrays,
+    format_camera_txt,
+    metadata_json,
+)
+from fwdata.video import write_mp4
+
+MARKER_DIR = ".fwdata/done"
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _tmp_name(path: Path) -> Path:
+    # keep the suffix last so libraries that pick a format from it (open3d) still work
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed npz (no pickled objects) as bytes."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- point maps
+
+
+def point_maps(depth: np.ndarray, valid: np.ndarray, cameras: CameraFile) -> tuple[np.ndarray, np.ndarray]:
+    """World points (T,H,W,3) float32 from z-depth (T,H,W) and the cameras; valid (T,H,W) bool."""
+    K = cameras.intrinsics_array()
+    c2w = camera.invert_pose(cameras.w2c_array())
+    pts = camera.unproject_depth(depth.astype(np.float64), K, c2w).astype(np.float32)
+    ok = valid & np.isfinite(depth) & (depth > 0)
+    pts[~ok] = 0.0
+    return pts, ok
+
+
+def fused_cloud(points: np.ndarray, valid: np.ndarray, frames: np.ndarray, voxel_size: Optional[float] = None,
+                pixel_stride: int = 2):
+    """Fused, voxel-downsampled, outlier-filtered coloured cloud (open3d PointCloud).
+
+    points (T,H,W,3), valid (T,H,W), frames (T,H,W,3) uint8. `voxel_size` defaults to 1/200 of the
+    median point distance from the origin (frame-0 camera), so it adapts to the scene's unit.
+    """
+    import open3d as o3d
+
+    sel = valid[:, ::pixel_stride, ::pixel_stride]
+    xyz = points[:, ::pixel_stride, ::pixel_stride][sel].astype(np.float64)
+    rgb = frames[:, ::pixel_stride, ::pixel_stride][sel].astype(np.float64) / 255.0
+    pcd = o3d.geometry.PointCloud()
+    if len(xyz) == 0:
+        return pcd
+    pcd.points = o3d.utility.Vector3dVector(xyz)
+    pcd.colors = o3d.utility.Vector3dVector(rgb)
+    if voxel_size is None:
+        voxel_size = max(float(np.median(np.linalg.norm(xyz, axis=1))) / 200.0, 1e-6)
+    pcd = pcd.voxel_down_sample(voxel_size)
+    if len(pcd.points) > 50:
+        pcd, _ = pcd.remove_statistical_outlier(nb_neighbors=20, std_ratio=2.0)
+    return pcd
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class SampleData:
+    """Everything one sample holds. frames (T,H,W,3) uint8; depth (T,H,W) z-depth; depth_valid (T,H,W) bool.
+
+    points / points_valid are computed from depth and cameras when not given.
+    """
+
+    frames: np.ndarray
+    depth: np.ndarray
+    depth_valid: np.ndarray
+    cameras: CameraFile
+    points: Optional[np.ndarray] = None
+    points_valid: Optional[np.ndarray] = None
+
+
+def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData, write_ply: bool = True) -> None:
+    """Write one sample's files atomically, then its completion marker.
+
+    The arrays are checked against the contract before anything is written; a ContractError
+    means nothing of this sample was written.
+    """
+    root = Path(root)
+    T, H, W = record.num_frames, record.height, record.width
+    dims = {"T": T, "H": H, "W": W}
+    if data.frames.shape != (T, H, W, 3) or data.frames.dtype != np.uint8:
+        raise ContractError(f"sample {record.id}: frames are {data.frames.dtype}{data.frames.shape}, expected uint8{(T, H, W, 3)}")
+    if data.cameras.num_frames != T or (data.cameras.width, data.cameras.height) != (W, H):
+        raise ContractError(f"sample {record.id}: cameras are for {data.cameras.num_frames} frames of "
+                            f"{data.cameras.width}x{data.cameras.height}, expected {T} of {W}x{H}")
+    valid = data.depth_valid & np.isfinite(data.depth) & (data.depth > 0)
+    depth = np.where(valid, data.depth, 0).astype(np.float32)
+    depth_arrays = {"depth": depth, "valid": valid}
+    if data.points is None:
+        pts, pvalid = point_maps(depth, valid, data.cameras)
+    else:
+        pts, pvalid = data.points, data.points_valid
+    points_arrays = {"points": pts.astype(np.float16), "valid": np.asarray(pvalid, dtype=bool)}
+    check_npz_arrays(depth_arrays, DEPTH_NPZ, dims, f"sample {record.id} depth")
+    check_npz_arrays(points_arrays, POINTS_NPZ, dims, f"sample {record.id} points")
+
+    p = record.paths
+    finals: list[tuple[Path, Path]] = []  # (tmp, final)
+
+    def stage(rel: str) -> Path:
+        final = root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(final)
+        finals.append((tmp, final))
+        return tmp
+
+    try:
+        write_mp4(stage(p.video), data.frames, fps=record.fps)
+        for rel, arrays in ((p.depth, depth_arrays), (p.points, points_arrays)):
+            stage(rel).write_bytes(npz_bytes(arrays))
+        stage(p.camera_json).write_text(data.cameras.model_dump_json(indent=1) + "\n")
+        stage(p.camera_txt).write_text(format_camera_txt(data.cameras))
+        if write_ply and p.points_ply:
+            import open3d as o3d
+
+            cloud = fused_cloud(pts.astype(np.float32), np.asarray(pvalid, bool), data.frames)
+            tmp = stage(p.points_ply)
+            if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
+                raise OSError(f"open3d could not write {tmp}")
+        for tmp, _ in finals:
+            _fsync_file(tmp)
+        for tmp, final in finals:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in finals:
+            if tmp.exists():
+                tmp.unlink()
+    atomic_write_text(root / MARKER_DIR / f"{record.id}.json", record.model_dump_json(indent=1) + "\n")
+
+
+def finished_records(root: Union[str, Path]) -> list[SampleRecord]:
+    """Records of every sample whose completion marker exists, sorted by id."""
+    d = Path(root) / MARKER_DIR
+    if not d.is_dir():
+        return []
+    return sorted((SampleRecord.model_validate_json(p.read_bytes()) for p in d.glob("*.json")), key=lambda r: r.id)
+
+
+def is_finished(root: Union[str, Path], sample_id: str) -> bool:
+    return (Path(root) / MARKER_DIR / f"{sample_id}.json").is_file()
+
+
+def write_metadata(root: Union[str, Path], meta: DatasetMetadata) -> DatasetMetadata:
+    """Recompute splits/statistics and write metadata.json atomically. Returns what was written."""
+    meta = meta.with_statistics()
+    atomic_write_text(Path(root) / METADATA_FILE, metadata_json(meta))
+    return meta
+
+
+def dataset_dirs(root: Union[str, Path]) -> list[Path]:
+    root = Path(root)
+    return [root / d for d in (VIDEOS_DIR, DEPTH_DIR, POINTS_DIR, CAMERAS_DIR)]

@@ -1,0 +1,104 @@
+"""Video files: probe and decode with decord, encode H.264 mp4 with PyAV.
+
+Frames are uint8 RGB arrays (T, H, W, 3). decord reads frames by index without decoding the
+whole file into memory, which is what clip sampling needs; PyAV writes the clips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+
+class VideoError(ValueError):
+    """A video that cannot be read or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+def _reader(path: Union[str, Path]):
+    import decord
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty")
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except Exception as e:  # decord raises DECORDError / RuntimeError with long C++ traces
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise VideoError(f"{path}: not a readable video ({first})") from None
+
+
+def probe(path: Union[str, Path]) -> VideoInfo:
+    """Frame count, fps and size of a video. Raises VideoError for unreadable or empty videos."""
+    vr = _reader(path)
+    n = len(vr)
+    if n == 0:
+        raise VideoError(f"{path}: video has no frames")
+    h, w = vr[0].shape[:2]
+    fps = float(vr.get_avg_fps())
+    if not np.isfinite(fps) or fps <= 0:
+        raise VideoError(f"{path}: video reports an invalid frame rate ({fps})")
+    return VideoInfo(path=str(path), num_frames=n, fps=fps, width=int(w), height=int(h))
+
+
+def read_frames(path: Union[str, Path], indices: Sequence[int] | None = None) -> np.ndarray:
+    """Decode frames (all, or the given indices) as uint8 RGB (T, H, W, 3)."""
+    vr = _reader(path)
+    if indices is None:
+        indices = range(len(vr))
+    indices = list(indices)
+    if not indices:
+        raise VideoError(f"{path}: no frames requested")
+    if max(indices) >= len(vr) or min(indices) < 0:
+        raise VideoError(f"{path}: frame index out of range (video has {len(vr)} frames)")
+    try:
+        return vr.get_batch(indices).asnumpy()
+    except Exception as e:
+        raise VideoError(f"{path}: decoding failed ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def write_mp4(path: Union[str, Path], frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> None:
+    """Encode uint8 RGB frames (H, W, 3), H and W even, as H.264 (yuv420p) mp4.
+
+    Single-threaded so the same frames always give the same bytes (reruns are reproducible).
+    """
+    import av
+    from fractions import Fraction
+
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = None
+        for frame in frames:
+            frame = np.ascontiguousarray(frame, dtype=np.uint8)
+            if stream is None:
+                h, w = frame.shape[:2]
+                if h % 2 or w % 2:
+                    raise VideoError(f"{path}: frame size {w}x{h} must be even for yuv420p")
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height = w, h
+                stream.pix_fmt = "yuv420p"
+                stream.thread_count = 1
+                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        if stream is None:
+            raise VideoError(f"{path}: no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
