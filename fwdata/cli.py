@@ -119,6 +119,38 @@ def print_dataset_summary(dataset: Path, meta) -> None:
         console.print(f"  failed: {f.source} [{f.stage}] {f.reason}", highlight=False)
 
 
+# --------------------------------------------------------------------------- validate
+
+
+@app.command()
+def validate(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
+    gates: Optional[Path] = typer.Option(None, "--gates", "-g", help="Gate TOML file, e.g. pipelines/gates/strict.toml "
+                                                                     "(default: built-in = pipelines/gates/default.toml)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="Report format: table, json or junit."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
+    workers: int = typer.Option(1, "--workers", "-j", min=0, help="Processes checking samples in parallel "
+                                                                  "(0: in this process, no crash isolation)."),
+    sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Check only this sample id (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the summary line on failure."),
+) -> None:
+    """Check a dataset: schema, file integrity, cross-consistency and quality gates. Never modifies it.
+
+    Exit codes: 0 pass, 1 a check or gate failed, 2 bad options or unreadable dataset. See docs/VALIDATE.md.
+    """
+    from fwdata.report import ReportFormat, validate_and_report
+    from fwdata.validate import UsageError, ValidateOptions
+
+    if fmt not in {f.value for f in ReportFormat}:
+        fail(f"--format {fmt!r}: choose table, json or junit")
+    try:
+        code = validate_and_report(ValidateOptions(dataset=dataset, gates=gates, workers=workers, samples=sample or []),
+                                   ReportFormat(fmt), output=output, quiet=quiet, console=console)
+    except UsageError as e:
+        fail(str(e))
+    raise typer.Exit(code)
+
+
 # --------------------------------------------------------------------------- doctor
 
 

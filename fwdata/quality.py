@@ -23,6 +23,29 @@ def frame_pairs(num_frames: int, gaps: Sequence[int] = (1, 4), max_pairs: int = 
     return pairs
 
 
+def _strided_points(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, stride: int) -> np.ndarray:
+    """Camera-frame points (N,3) of the valid pixels among every `stride`-th pixel (row-major order)."""
+    pts = camera.unproject_depth(depth[::stride, ::stride], camera.subsample_intrinsics(K, stride))
+    return pts[valid[::stride, ::stride]]
+
+
+def _agreement(points_a: np.ndarray, w2c_a: np.ndarray, depth_b: np.ndarray, valid_b: np.ndarray,
+               K_b: np.ndarray, w2c_b: np.ndarray, rel_tol: float) -> tuple[int, int]:
+    """(agreeing, overlapping) of frame-a camera points warped into frame b."""
+    if not len(points_a):
+        return 0, 0
+    uv_b, z_b = camera.project_points(points_a, K_b, w2c_b @ camera.invert_pose(w2c_a))
+    sampled, inside = camera.sample_depth_nearest(depth_b, uv_b)
+    idx = np.flatnonzero(inside & (z_b > 0))
+    cols = np.floor(uv_b[idx, 0]).astype(np.int64)
+    rows = np.floor(uv_b[idx, 1]).astype(np.int64)
+    idx = idx[valid_b[rows, cols]]
+    if not len(idx):
+        return 0, 0
+    agree = np.abs(z_b[idx] - sampled[idx]) <= rel_tol * sampled[idx]
+    return int(agree.sum()), int(len(idx))
+
+
 def depth_agreement(depth_a: np.ndarray, valid_a: np.ndarray, K_a: np.ndarray, w2c_a: np.ndarray,
                     depth_b: np.ndarray, valid_b: np.ndarray, K_b: np.ndarray, w2c_b: np.ndarray,
                     rel_tol: float = 0.05, stride: int = 2) -> tuple[int, int]:
@@ -32,29 +55,26 @@ def depth_agreement(depth_a: np.ndarray, valid_a: np.ndarray, K_a: np.ndarray, w
     valid pixel, and how many of those have |z_warped - depth_b| <= rel_tol * depth_b.
     Occlusions count as disagreement, so a perfect scene scores slightly below 1.
     """
-    uv_b, z_b = camera.reproject_depth(depth_a, K_a, w2c_a, K_b, w2c_b)
-    uv_b, z_b = uv_b[::stride, ::stride].reshape(-1, 2), z_b[::stride, ::stride].reshape(-1)
-    sampled, inside = camera.sample_depth_nearest(depth_b, uv_b)
-    H, W = depth_b.shape
-    ij = np.clip(np.nan_to_num(np.floor(uv_b)).astype(np.int64), 0, [W - 1, H - 1])
-    overlap = valid_a[::stride, ::stride].reshape(-1) & inside & (z_b > 0) & valid_b[ij[:, 1], ij[:, 0]]
-    if not overlap.any():
-        return 0, 0
-    err = np.abs(z_b[overlap] - sampled[overlap]) <= rel_tol * sampled[overlap]
-    return int(err.sum()), int(overlap.sum())
+    points_a = _strided_points(depth_a, valid_a, K_a, stride)  # only the pixels compared are warped
+    return _agreement(points_a, w2c_a, depth_b, valid_b, K_b, w2c_b, rel_tol)
 
 
 def multiview_consistency(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, w2c: np.ndarray,
-                          rel_tol: float = 0.05, pairs: Optional[list[tuple[int, int]]] = None) -> Optional[float]:
+                          rel_tol: float = 0.05, pairs: Optional[list[tuple[int, int]]] = None,
+                          stride: int = 2) -> Optional[float]:
     """Fraction of overlapping pixels whose depth agrees (within rel_tol) after warping between frames.
 
-    Uses `frame_pairs` by default. None when no pair overlaps (e.g. a single frame).
+    Uses `frame_pairs` by default and every `stride`-th pixel (the sum of `depth_agreement` over
+    the pairs; each frame is unprojected once). None when no pair overlaps (e.g. a single frame).
     """
     T = depth.shape[0]
     pairs = frame_pairs(T) if pairs is None else pairs
+    cache: dict[int, np.ndarray] = {}
     agree = total = 0
     for i, j in pairs:
-        a, n = depth_agreement(depth[i], valid[i], K[i], w2c[i], depth[j], valid[j], K[j], w2c[j], rel_tol)
+        if i not in cache:
+            cache[i] = _strided_points(depth[i], valid[i], K[i], stride)
+        a, n = _agreement(cache[i], w2c[i], depth[j], valid[j], K[j], w2c[j], rel_tol)
         agree += a
         total += n
     return agree / total if total else None
@@ -86,6 +106,34 @@ def camera_motion(w2c: np.ndarray) -> tuple[float, float]:
     rel = w2c[:, :3, :3] @ R0.T
     rot = float(max(camera.rotation_angle_deg(r) for r in rel))
     return path, rot
+
+
+def trajectory_anomalies(w2c: np.ndarray, scene_scale: float = 1.0, factor: float = 2.5,
+                         min_step_rel: float = 2e-3, min_step_deg: float = 0.1) -> int:
+    """Frames where the camera motion breaks a constant-velocity model: jumps, teleports, swapped poses.
+
+    SpatialVID-style trajectory anomaly count. For each frame t in 1..T-2 the change of velocity
+    (second difference) of the camera centre, and the rotation between consecutive frame-to-frame
+    rotations, are compared with the clip's typical step (median step size, floored at
+    `min_step_rel * scene_scale` and `min_step_deg`). A frame counts when either exceeds `factor`
+    typical steps. `scene_scale` is a typical scene depth in the dataset unit (e.g. median depth),
+    so a camera that barely moves is not flagged for noise. Smooth paths give 0.
+    """
+    w2c = np.asarray(w2c, dtype=np.float64)
+    if len(w2c) < 3:
+        return 0
+    centres = camera.camera_centers(w2c)
+    steps = np.diff(centres, axis=0)  # (T-1, 3)
+    step_len = np.linalg.norm(steps, axis=1)
+    typical_t = max(float(np.median(step_len)), min_step_rel * float(scene_scale))
+    jerk_t = np.linalg.norm(np.diff(steps, axis=0), axis=1)  # (T-2,)
+    R = w2c[:, :3, :3]
+    rel = R[1:] @ np.swapaxes(R[:-1], -1, -2)  # frame-to-frame rotations (T-1, 3, 3)
+    step_deg = camera.rotation_angle_deg(rel)
+    typical_r = max(float(np.median(step_deg)), min_step_deg)
+    jerk_r = camera.rotation_angle_deg(rel[1:] @ np.swapaxes(rel[:-1], -1, -2))  # (T-2,)
+    flagged = (jerk_t > factor * typical_t) | (jerk_r > factor * typical_r)
+    return int(flagged.sum())
 
 
 def field_of_view_deg(K: np.ndarray, height: int, width: int) -> tuple[float, float]:

@@ -54,6 +54,7 @@ MIP_LEVELS = 5  # atlas regions are padded to multiples of 2**(MIP_LEVELS-1) tex
 SHAPES_PER_M2 = 40.0  # random discs/rectangles/... per square metre of surface
 EYE_HEIGHT = 1.55  # metres above the floor
 OBJECT_CLEARANCE = 0.6  # metres between the camera cylinder and any object
+PATH_CANDIDATES = 6  # random trajectories tried by camera_path
 
 # Lambert lighting, fixed in the world: ambient + sum of weight * max(n . l, 0).
 AMBIENT = 0.5
@@ -82,10 +83,12 @@ class Scene:
       surf_axes: (S, 3) int, planes' normal axis, texture u axis, texture v axis.
       surf_origin: (S, 3) plane corner at which texture coordinates are 0, or sphere centre.
       surf_normal: (S, 3) planes' unit normal (into the room for room faces, outward for boxes).
+      surf_origin_uv: (S, 2) surf_origin along the u and v axes.
       surf_region: (S, 4) int, atlas region (row, col, height, width) in level-0 texels.
       surf_shade: (S,) Lambert factor of planar surfaces.
-    Texture: texels (M, 3) float32 in [0, 1], all mip levels of the atlas concatenated; level k
-      is an (atlas_shape[0] >> k, atlas_shape[1] >> k) image starting at level_offset[k].
+    Texture: texels (M,) uint32, RGBA8 (A unused) packed for fast gathers, all mip levels of the
+      atlas concatenated; level k is an (atlas_shape[0] >> k, atlas_shape[1] >> k) image that
+      starts at texels[level_offset[k]].
     """
 
     seed: int
@@ -98,6 +101,7 @@ class Scene:
     surf_axes: np.ndarray
     surf_origin: np.ndarray
     surf_normal: np.ndarray
+    surf_origin_uv: np.ndarray
     surf_region: np.ndarray
     surf_shade: np.ndarray
     texels: np.ndarray
@@ -125,7 +129,6 @@ def _plane_faces(lo: np.ndarray, hi: np.ndarray, inward: bool) -> list[tuple]:
     """The 6 faces of box [lo, hi] in `FACES` order: (axes, origin, normal, size_v, size_u)."""
     faces = []
     for axis in range(3):
-        u_axis, v_axis = [a for a in range(3) if a != axis]
         if axis == 1:  # floor/ceiling: texture u along x, v along z
             u_axis, v_axis = 0, 2
         elif axis == 0:  # x walls: u along z, v along y (down)
@@ -175,53 +178,70 @@ def _noise(shape: tuple[int, int], cell: int, rng: np.random.Generator) -> np.nd
     """Smooth value noise (H, W) float32 with features about `cell` texels wide, unit std."""
     h, w = shape
     grid = rng.standard_normal((h // cell + 3, w // cell + 3)).astype(np.float32)
-    up = ndimage.zoom(grid, cell, order=3, prefilter=False, mode="nearest", grid_mode=True)
+    up = np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)
+    # Two box filters of the cell width: quadratic B-spline interpolation of the random grid.
+    up = ndimage.uniform_filter(ndimage.uniform_filter(up, cell), cell)
     up = up[cell:cell + h, cell:cell + w]
     return (up - up.mean()) / (up.std() + 1e-6)
 
 
-def _draw_shapes(img: np.ndarray, region: np.ndarray, area_m2: float, rng: np.random.Generator) -> None:
-    """Paint random shapes (discs, rings, rectangles, crosses, triangles) into one atlas region."""
-    r0, c0, h, w = (int(x) for x in region)
-    n = max(6, int(rng.poisson(SHAPES_PER_M2 * area_m2)))
-    # Radii log-uniform from 1.5 cm to 30 cm (in texels), big ones first so small ones stay visible.
-    radii = np.sort(np.exp(rng.uniform(math.log(0.015), math.log(0.30), n)))[::-1] * TEXELS_PER_METRE
-    for rad in radii:
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        aspect = rng.uniform(0.4, 1.0)
-        a, b = rad, rad * aspect
-        ext = int(math.ceil(rad)) + 1
-        y0, y1 = max(0, int(cy) - ext), min(h, int(cy) + ext + 1)
-        x0, x1 = max(0, int(cx) - ext), min(w, int(cx) + ext + 1)
-        if y0 >= y1 or x0 >= x1:
+def _draw_shapes(img: np.ndarray, regions: np.ndarray, areas: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint random shapes (discs, rings, rectangles, crosses, triangles) into the atlas regions.
+
+    About SHAPES_PER_M2 per square metre of each surface, radii log-uniform from 1.5 to 30 cm,
+    each clipped to its own region. Drawn vectorised in size buckets, biggest first, so small
+    shapes stay visible on top of big ones.
+    """
+    counts = np.maximum(6, rng.poisson(SHAPES_PER_M2 * np.asarray(areas)))
+    owner = np.repeat(np.arange(len(regions)), counts)
+    n = len(owner)
+    r0, c0, h, w = (regions[owner, k].astype(np.float64) for k in range(4))
+    rad = np.exp(rng.uniform(math.log(0.015), math.log(0.30), n)) * TEXELS_PER_METRE
+    cy = r0 + rng.uniform(0, 1, n) * h
+    cx = c0 + rng.uniform(0, 1, n) * w
+    a, b = rad, rad * rng.uniform(0.4, 1.0, n)
+    ang = rng.uniform(0, math.pi, n)
+    kind = rng.integers(0, 5, n)
+    inner = rng.uniform(0.25, 0.6, n)  # ring: inner radius^2 fraction
+    color = rng.random((n, 3)).astype(np.float32)
+    # Half of the shapes very dark or very bright, for contrast.
+    push = rng.integers(0, 4, n)
+    color[push == 0] *= 0.25
+    color[push == 1] = 0.75 + 0.25 * color[push == 1]
+    bounds = [0.0, 2.0, 4.0, 7.0, 11.0, 16.0, np.inf]
+    for lo_r, hi_r in reversed(list(zip(bounds[:-1], bounds[1:]))):
+        sel = np.nonzero((rad > lo_r) & (rad <= hi_r))[0]
+        if len(sel) == 0:
             continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        ang = rng.uniform(0, math.pi)
-        dx = (xx + 0.5 - cx) * math.cos(ang) + (yy + 0.5 - cy) * math.sin(ang)
-        dy = -(xx + 0.5 - cx) * math.sin(ang) + (yy + 0.5 - cy) * math.cos(ang)
-        kind = rng.integers(0, 5)
-        e = (dx / a) ** 2 + (dy / b) ** 2
-        if kind == 0:  # disc / ellipse
-            mask = e <= 1.0
-        elif kind == 1:  # ring
-            mask = (e <= 1.0) & (e >= rng.uniform(0.25, 0.6))
-        elif kind == 2:  # rectangle
-            mask = (np.abs(dx) <= a) & (np.abs(dy) <= b)
-        elif kind == 3:  # cross
-            t = 0.3 * b
-            mask = ((np.abs(dx) <= a) & (np.abs(dy) <= t)) | ((np.abs(dx) <= t) & (np.abs(dy) <= a))
-        else:  # triangle
-            mask = (dy <= b) & (np.abs(dx) <= a * (b - dy) / (2 * b))
-        color = rng.random(3).astype(np.float32)
-        if rng.random() < 0.5:  # push half of the shapes to very dark or very bright for contrast
-            color = color * 0.25 if rng.random() < 0.5 else 0.75 + 0.25 * color
-        patch = img[r0 + y0:r0 + y1, c0 + x0:c0 + x1]
-        patch[mask] = color
+        sel = sel[np.argsort(-rad[sel], kind="stable")]
+        ext = int(math.ceil(rad[sel].max())) + 1
+        off = np.arange(-ext, ext + 1)
+        py = np.floor(cy[sel]).astype(np.int64)[:, None, None] + off[None, :, None]
+        px = np.floor(cx[sel]).astype(np.int64)[:, None, None] + off[None, None, :]
+        yy = py + 0.5 - cy[sel, None, None]
+        xx = px + 0.5 - cx[sel, None, None]
+        cos, sin = np.cos(ang[sel])[:, None, None], np.sin(ang[sel])[:, None, None]
+        dx, dy = np.abs(xx * cos + yy * sin), yy * cos - xx * sin
+        A, B = a[sel, None, None], b[sel, None, None]
+        e = (dx / A) ** 2 + (dy / B) ** 2
+        k = kind[sel, None, None]
+        mask = np.select(
+            [k == 0, k == 1, k == 2, k == 3],
+            [e <= 1.0,  # ellipse
+             (e <= 1.0) & (e >= inner[sel, None, None]),  # ring
+             (dx <= A) & (np.abs(dy) <= B),  # rectangle
+             ((dx <= A) & (np.abs(dy) <= 0.3 * B)) | ((dx <= 0.3 * B) & (np.abs(dy) <= A))],  # cross
+            (dy <= B) & (dx <= A * (B - dy) / (2 * B)),  # triangle
+        )
+        mask &= (py >= r0[sel, None, None]) & (py < (r0 + h)[sel, None, None])
+        mask &= (px >= c0[sel, None, None]) & (px < (c0 + w)[sel, None, None])
+        j, iy, ix = np.nonzero(mask)
+        img[py[j, iy, 0], px[j, 0, ix]] = color[sel[j]]
 
 
 def _make_texture(regions: np.ndarray, areas: list[float], atlas_shape: tuple[int, int],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Atlas texels of all mip levels -> (texels (M,3) float32, level offsets (MIP_LEVELS,))."""
+    """Atlas texels of all mip levels -> (texels (M,) RGBA8 packed in uint32, level offsets (L,))."""
     ah, aw = atlas_shape
     rid = np.full((ah, aw), len(regions), dtype=np.int64)  # last palette entry = unused space
     for i, (r0, c0, h, w) in enumerate(regions):
@@ -237,15 +257,16 @@ def _make_texture(regions: np.ndarray, areas: list[float], atlas_shape: tuple[in
               + 0.2 * _noise((ah, aw), 3, rng))
     img = img * (0.85 + 0.35 * np.tanh(detail))[..., None]
     img = np.clip(img, 0.0, 1.0).astype(np.float32)
-    for region, area in zip(regions, areas):
-        _draw_shapes(img, region, area, rng)
+    _draw_shapes(img, regions, np.asarray(areas), rng)
     levels = [img]
     for _ in range(1, MIP_LEVELS):  # 2x2 box filter; regions are aligned so levels do not bleed
         prev = levels[-1]
         levels.append(0.25 * (prev[0::2, 0::2] + prev[1::2, 0::2] + prev[0::2, 1::2] + prev[1::2, 1::2]))
     offsets = np.cumsum([0] + [lv.shape[0] * lv.shape[1] for lv in levels[:-1]])
-    texels = np.concatenate([lv.reshape(-1, 3) for lv in levels]).astype(np.float32)
-    return texels, offsets.astype(np.int64)
+    rgb = np.concatenate([lv.reshape(-1, 3) for lv in levels])
+    rgba = np.zeros((len(rgb), 4), np.uint8)
+    rgba[:, :3] = np.clip(np.rint(rgb * 255.0), 0, 255)
+    return rgba.view(np.uint32).ravel(), offsets.astype(np.int64)
 
 
 def build_scene(room_size: tuple[float, float, float], boxes: np.ndarray, spheres: np.ndarray,
@@ -288,6 +309,8 @@ def build_scene(room_size: tuple[float, float, float], boxes: np.ndarray, sphere
         surf_axes=axes,
         surf_origin=origin,
         surf_normal=normal,
+        surf_origin_uv=np.stack([origin[np.arange(len(axes)), axes[:, 1]],
+                                 origin[np.arange(len(axes)), axes[:, 2]]], axis=1),
         surf_region=regions,
         surf_shade=_lambert(normal),
         texels=texels,
@@ -319,9 +342,8 @@ def make_scene(seed: int, room_size: tuple[float, float, float] = (8.0, 3.0, 8.0
     placed: list[tuple[np.ndarray, np.ndarray]] = []  # AABBs of placed objects
 
     def fits(lo: np.ndarray, hi: np.ndarray) -> bool:
-        if np.any(lo < room_min + gap) or np.any(hi > room_max + 1e-9):
-            return False
-        if hi[1] > room_max[1] - 1e-9 and lo[1] < room_min[1] + gap:
+        floor_ok = np.array([-gap, 1e-6, -gap])  # objects may touch the floor, not the walls
+        if np.any(lo < room_min + gap) or np.any(hi > room_max + floor_ok):
             return False
         if _horizontal_gap(lo, hi, center) < keep_out:
             return False
@@ -354,7 +376,7 @@ def make_scene(seed: int, room_size: tuple[float, float, float] = (8.0, 3.0, 8.0
         if rng.random() < 0.4:  # resting on the floor
             c[1] = room_max[1] - r
         lo, hi = c - r, c + r
-        if fits(lo, hi) and fits(lo, hi + np.array([0, -1e-6, 0])):
+        if fits(lo, hi):
             placed.append((lo, hi))
             spheres.append((*c, r))
     return build_scene(room_size, np.array(boxes).reshape(-1, 2, 3), np.array(spheres).reshape(-1, 4),
@@ -401,15 +423,41 @@ def camera_path(kind: str, num_frames: int, scene: Scene, seed: int) -> np.ndarr
 
     kind: "orbit" (arc of 20-90 degrees around an object, looking at it), "forward" (dolly
     forward with slight sideways drift and wobble), "pan" (sideways truck, looking roughly
-    forward), "rotate" (in-place yaw of 12-60 degrees with ~0.3 m of translation).
+    forward), "rotate" (in-place yaw of 12-60 degrees, some tilt, 0.25-0.5 m of translation).
     Per-frame motion is a few centimetres / about one degree; the total grows with num_frames
-    up to what the free space allows. Deterministic in (scene, seed).
+    up to what the free space allows. Of PATH_CANDIDATES random paths the one whose views have
+    the most depth variety is kept (objects against walls, not one plane filling the view: SfM
+    needs that to fix the focal length). Deterministic in (scene, seed).
     """
     if kind not in PATH_KINDS:
         raise ValueError(f"unknown camera path kind {kind!r}; choose from {', '.join(PATH_KINDS)}")
     if num_frames < 1:
         raise ValueError("num_frames must be at least 1")
     rng = np.random.default_rng([seed, 2, PATH_KINDS.index(kind)])
+    best, best_score = None, -np.inf
+    for _ in range(PATH_CANDIDATES):
+        w2c = _random_path(kind, num_frames, scene, rng)
+        score = _depth_variety(scene, w2c)
+        if score > best_score:
+            best, best_score = w2c, score
+    return best
+
+
+def _depth_variety(scene: Scene, w2c: np.ndarray) -> float:
+    """Mean over the first, middle and last views (18x32 rays, 60 degree field of view) of the
+    standard deviation of inverse depth (parallax varies with it)."""
+    h, w = 18, 32
+    K = default_intrinsics(h, w, 60.0)
+    scores = []
+    for pose in w2c[sorted({0, len(w2c) // 2, len(w2c) - 1})]:
+        dirs, origin, _ = _camera_rays(K, pose, h, w, 1, np.float64)
+        t, _ = _trace(scene, origin, dirs)
+        scores.append((1.0 / t).std())
+    return float(np.mean(scores))
+
+
+def _random_path(kind: str, num_frames: int, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """One random trajectory of the given kind -> w2c (T,4,4); see `camera_path`."""
     n = num_frames - 1
     s = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.zeros(1)
     C = scene.free_center
@@ -457,19 +505,22 @@ def camera_path(kind: str, num_frames: int, scene: Scene, seed: int) -> np.ndarr
         else:
             sign = rng.choice([-1.0, 1.0])
             eyes = C + offset * fwd + ((s - 0.5) * length * sign)[:, None] * side + drift[:, None] * fwd
-            yaw = yaw0 + math.radians(rng.uniform(-8.0, 8.0)) * (s - 0.5)
+            # A slow turn of 12-18 degrees over the truck: enough rotation for SfM to fix the focal
+            # length (pure translation leaves focal and depth ambiguous).
+            yaw = yaw0 + math.radians(rng.uniform(12.0, 18.0)) * rng.choice([-1.0, 1.0]) * (s - 0.5)
         eyes[:, 1] = C[1] + bob
-        pitch = pitch0 + math.radians(1.5) * np.sin(2 * math.pi * s * rng.uniform(0.3, 0.8))
+        pitch = pitch0 + math.radians(2.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
         targets = eyes + _direction(yaw, pitch)
     else:  # rotate
         pivot = C + rng.uniform(0.0, 0.5 * R) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
-        span = math.radians(np.clip(rng.uniform(0.6, 0.9) * n, 12.0, 60.0)) * rng.choice([-1.0, 1.0])
+        span = math.radians(np.clip(rng.uniform(0.7, 1.0) * n, 12.0, 60.0)) * rng.choice([-1.0, 1.0])
         yaw = yaw0 + (s - 0.5) * span
-        arm = rng.uniform(0.12, 0.2)  # camera in front of the rotation axis, like a hand-held turn
-        move = rng.uniform(0.15, 0.3) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
+        arm = rng.uniform(0.25, 0.35)  # camera in front of the rotation axis, like a hand-held turn
+        move = rng.uniform(0.4, 0.6) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
         eyes = pivot + arm * _direction(yaw, np.zeros_like(yaw)) + (s - 0.5)[:, None] * move
         eyes[:, 1] = C[1] + bob
-        pitch = pitch0 + math.radians(1.0) * np.sin(2 * math.pi * s * rng.uniform(0.3, 0.8))
+        # Some tilt as well: rotation about two axes pins down the focal length.
+        pitch = pitch0 + math.radians(4.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
         targets = eyes + _direction(yaw, pitch)
 
     # Safety for unusual room sizes: pull the path towards the centre if it leaves the cylinder.
@@ -594,60 +645,76 @@ def _camera_rays(K: np.ndarray, w2c: np.ndarray, height: int, width: int, ss: in
     return dirs, c2w[:3, 3], K_grid
 
 
+def _bilinear(texels: np.ndarray, lut: np.ndarray, lut_index: np.ndarray, x: np.ndarray,
+              y: np.ndarray) -> np.ndarray:
+    """Bilinear lookup (N,4) float32 (0..255, A unused) at level-0 texel coordinates x, y (N,).
+
+    ``lut[lut_index]`` rows (level * S + surface) hold the region's first texel index in that mip
+    level, its height, width and the level's row width; lookups are clamped to the region (no
+    bleeding between surfaces)."""
+    base, h, w, row_w = (lut[lut_index, k] for k in range(4))
+    scale = np.exp2(-(lut_index // (len(lut) // MIP_LEVELS)).astype(np.float32))
+    xs = np.minimum(np.maximum(x * scale - 0.5, 0), w - 1)
+    ys = np.minimum(np.maximum(y * scale - 0.5, 0), h - 1)
+    x0 = xs.astype(np.int32)
+    y0 = ys.astype(np.int32)
+    fx = (xs - x0)[:, None]
+    fy = (ys - y0)[:, None]
+    dx = (x0 + 1 < w).astype(np.int32)  # 0 at the region's last column / row
+    dy = (y0 + 1 < h) * row_w
+    i00 = base + y0 * row_w + x0
+
+    def tap(idx: np.ndarray) -> np.ndarray:
+        return np.take(texels, idx).view(np.uint8).reshape(-1, 4)
+
+    top = tap(i00) * (1 - fx) + tap(i00 + dx) * fx
+    bot = tap(i00 + dy) * (1 - fx) + tap(i00 + dy + dx) * fx
+    return top * (1 - fy) + bot * fy
+
+
 def _sample_texture(scene: Scene, sid: np.ndarray, x: np.ndarray, y: np.ndarray,
                     level: np.ndarray) -> np.ndarray:
-    """Trilinear lookup (N,3) at level-0 texel coordinates x, y (N,) of surfaces sid at mip level."""
-    reg = scene.surf_region[sid]
-    aw = scene.atlas_shape[1]
-    l0 = np.floor(level).astype(np.int64)
-    frac = (level - l0).astype(np.float32)[:, None]
-    out = None
-    for lv, weight in ((l0, 1.0 - frac), (np.minimum(l0 + 1, MIP_LEVELS - 1), frac)):
-        scale = np.exp2(-lv.astype(np.float32))
-        h, w = reg[:, 2] >> lv, reg[:, 3] >> lv
-        xs = np.clip(x * scale - 0.5, 0, w - 1)
-        ys = np.clip(y * scale - 0.5, 0, h - 1)
-        x0 = xs.astype(np.int64)
-        y0 = ys.astype(np.int64)
-        fx = (xs - x0)[:, None]
-        fy = (ys - y0)[:, None]
-        x1 = np.minimum(x0 + 1, w - 1)
-        y1 = np.minimum(y0 + 1, h - 1)
-        row_w = aw >> lv
-        base = scene.level_offset[lv] + (reg[:, 0] >> lv) * row_w + (reg[:, 1] >> lv)
-        tex = scene.texels
-        top = tex[base + y0 * row_w + x0] * (1 - fx) + tex[base + y0 * row_w + x1] * fx
-        bot = tex[base + y1 * row_w + x0] * (1 - fx) + tex[base + y1 * row_w + x1] * fx
-        val = (top * (1 - fy) + bot * fy) * weight
-        out = val if out is None else out + val
-    return out
+    """Trilinear lookup (N,3) float32 in [0, 1] at level-0 texel coordinates x, y (N,) of surfaces
+    sid (N,) at fractional mip level (N,)."""
+    # Look-up table, row (level * S + surface): region start index, height, width, atlas row width.
+    S = scene.num_surfaces
+    lv = np.repeat(np.arange(MIP_LEVELS), S)
+    reg = np.tile(scene.surf_region, (MIP_LEVELS, 1)) >> lv[:, None]
+    row_w = scene.atlas_shape[1] >> lv
+    lut = np.stack([scene.level_offset[lv] + reg[:, 0] * row_w + reg[:, 1], reg[:, 2], reg[:, 3], row_w],
+                   axis=1).astype(np.int32)
+    l0 = level.astype(np.int32)  # level >= 0
+    frac = level - l0
+    row = l0 * S + sid.astype(np.int32)
+    out = _bilinear(scene.texels, lut, row, x, y)
+    blend = np.nonzero(frac > 1e-3)[0]  # the next level only where it contributes
+    if len(blend):
+        f = frac[blend, None]
+        upper_row = np.minimum(l0[blend] + 1, MIP_LEVELS - 1) * S + sid[blend].astype(np.int32)
+        upper = _bilinear(scene.texels, lut, upper_row, x[blend], y[blend])
+        out[blend] = out[blend] * (1 - f) + upper * f
+    return out[:, :3] * np.float32(1.0 / 255.0)
 
 
 def _shade(scene: Scene, origin: np.ndarray, dirs: np.ndarray, t: np.ndarray, sid: np.ndarray,
            texels_per_sample: float) -> np.ndarray:
-    """Colour (N,3) float32 of hits: texture (mip level from the ray footprint) times Lambert."""
-    n = len(t)
-    p = origin.astype(np.float32) + t[:, None] * dirs
-    ray_len = np.linalg.norm(dirs, axis=1)
-    x = np.empty(n, np.float32)
-    y = np.empty(n, np.float32)
-    cos_inc = np.empty(n, np.float32)
-    shade = np.empty(n, np.float32)
-    stretch = np.ones(n, np.float32)
+    """Colour (N,3) float32 of hits: texture (mip level from the ray footprint) times Lambert.
 
-    sphere = sid >= scene.sphere_surface(0)
-    plane = ~sphere
-    ps, pd = sid[plane], dirs[plane]
-    axes = scene.surf_axes[ps]
-    pp = p[plane]
-    rows = np.arange(len(ps))
-    x[plane] = pp[rows, axes[:, 1]] - scene.surf_origin[ps, axes[:, 1]]
-    y[plane] = pp[rows, axes[:, 2]] - scene.surf_origin[ps, axes[:, 2]]
-    cos_inc[plane] = np.abs(pd[rows, axes[:, 0]]) / ray_len[plane]
-    shade[plane] = scene.surf_shade[ps]
-    if sphere.any():
-        ss_id = sid[sphere]
-        sp = scene.spheres[ss_id - scene.sphere_surface(0)].astype(np.float32)
+    dirs (N,3) float32 ray directions, t (N,) hit parameters, sid (N,) surface ids;
+    texels_per_sample: level-0 texels per metre divided by (focal length * supersample).
+    """
+    p = origin.astype(np.float32) + t[:, None] * dirs
+    ray_len = np.sqrt(np.einsum("ij,ij->i", dirs, dirs))
+    # Planar surfaces (computed for every ray, spheres overwritten below).
+    axes = scene.surf_axes[sid]
+    x = np.take_along_axis(p, axes[:, 1:2], axis=1)[:, 0] - scene.surf_origin_uv[sid, 0]
+    y = np.take_along_axis(p, axes[:, 2:3], axis=1)[:, 0] - scene.surf_origin_uv[sid, 1]
+    cos_inc = np.abs(np.take_along_axis(dirs, axes[:, 0:1], axis=1)[:, 0]) / ray_len
+    shade = scene.surf_shade[sid].astype(np.float32)
+    stretch = np.ones_like(t)
+    sphere = np.nonzero(sid >= scene.sphere_surface(0))[0]
+    if len(sphere):
+        sp = scene.spheres[sid[sphere] - scene.sphere_surface(0)].astype(np.float32)
         nrm = (p[sphere] - sp[:, :3]) / sp[:, 3:4]
         nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
         lon = np.arctan2(nrm[:, 2], nrm[:, 0])
@@ -657,9 +724,9 @@ def _shade(scene: Scene, origin: np.ndarray, dirs: np.ndarray, t: np.ndarray, si
         cos_inc[sphere] = np.abs(np.einsum("ij,ij->i", nrm, dirs[sphere])) / ray_len[sphere]
         stretch[sphere] = 1.0 / np.maximum(np.cos(lat), 0.1)
         shade[sphere] = _lambert(nrm)
-    # Mip level: log2 of texels covered by one sample (distance / focal, stretched by obliquity).
-    foot = t * ray_len * texels_per_sample * stretch / np.maximum(cos_inc, 0.1)
-    level = np.clip(np.log2(np.maximum(foot, 1e-6)), 0.0, MIP_LEVELS - 1)
+    # Mip level: log2 of the texels one sample covers (distance / focal, stretched by obliquity).
+    foot = t * ray_len * np.float32(texels_per_sample) * stretch / np.maximum(cos_inc, 0.1)
+    level = np.minimum(np.log2(np.maximum(foot, 1.0)), MIP_LEVELS - 1)
     tex = _sample_texture(scene, sid, x * TEXELS_PER_METRE, y * TEXELS_PER_METRE, level)
     return tex * shade[:, None]
 
@@ -686,7 +753,8 @@ def render_frame(scene: Scene, K: np.ndarray, w2c: np.ndarray, height: int, widt
     focal = math.sqrt(K[0, 0] * K[1, 1])
     color = _shade(scene, origin, dirs.reshape(-1, 3).astype(np.float32), t.reshape(-1).astype(np.float32),
                    sid.reshape(-1), TEXELS_PER_METRE / (focal * ss))
-    color = color.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
+    color = color.reshape(height * ss, width * ss, 3)
+    color = sum(color[i::ss, j::ss] for i in range(ss) for j in range(ss)) * np.float32(1.0 / ss**2)
     rgb = np.clip(np.rint(color * 255.0), 0, 255).astype(np.uint8)
     return rgb, depth
 

@@ -102,3 +102,23 @@ def write_mp4(path: Union[str, Path], frames: Iterable[np.ndarray], fps: float, 
             raise VideoError(f"{path}: no frames to write")
         for packet in stream.encode():
             container.mux(packet)
+
+
+def read_video(path: Union[str, Path]) -> tuple[VideoInfo, np.ndarray]:
+    """Probe and decode every frame with one reader: (VideoInfo, frames uint8 RGB (T, H, W, 3)).
+
+    Raises VideoError for unreadable, empty or undecodable videos (used by validation, which must
+    decode every frame anyway).
+    """
+    vr = _reader(path)
+    n = len(vr)
+    if n == 0:
+        raise VideoError(f"{path}: video has no frames")
+    fps = float(vr.get_avg_fps())
+    if not np.isfinite(fps) or fps <= 0:
+        raise VideoError(f"{path}: video reports an invalid frame rate ({fps})")
+    try:
+        frames = vr.get_batch(list(range(n))).asnumpy()
+    except Exception as e:
+        raise VideoError(f"{path}: decoding failed ({str(e).strip().splitlines()[0][:200]})") from None
+    return VideoInfo(path=str(path), num_frames=n, fps=fps, width=int(frames.shape[2]), height=int(frames.shape[1])), frames

@@ -235,43 +235,47 @@ def load_wan_transformer(
     if not path.exists():
         raise BackboneWeightsError(f"Wan2.1 weights not found at {path}: {_download_hint(hub_id, path)}.")
 
+    if path.is_dir():
+        subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
+        config_file = path / (subfolder or "") / "config.json"
+        if not config_file.is_file():
+            raise BackboneWeightsError(
+                f"{path} is not a diffusers-format Wan2.1 directory (no transformer/config.json or "
+                f"config.json): {_download_hint(hub_id, path)}."
+            )
+        _check_matches_preset(json.loads(config_file.read_text()), cfg, path)
+    elif path.suffix != ".safetensors":
+        raise BackboneWeightsError(
+            f"{path}: only .safetensors weight files are loaded (pickle files are never opened); "
+            "convert it to safetensors or pass a diffusers-format directory."
+        )
+
     try:
         if path.is_dir():
-            if (path / "transformer" / "config.json").is_file():
-                model = WanTransformer3DModel.from_pretrained(
-                    path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
-                )
-            elif (path / "config.json").is_file():
-                model = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-            else:
-                raise BackboneWeightsError(
-                    f"{path} is not a diffusers-format Wan2.1 directory (no transformer/config.json or "
-                    f"config.json): {_download_hint(hub_id, path)}."
-                )
+            model = WanTransformer3DModel.from_pretrained(
+                path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+            )
         else:
-            if path.suffix != ".safetensors":
-                raise BackboneWeightsError(
-                    f"{path}: only .safetensors weight files are loaded (pickle files are never opened); "
-                    "convert it to safetensors or pass a diffusers-format directory."
-                )
             with tempfile.TemporaryDirectory() as config_dir:
                 config = {"_class_name": "WanTransformer3DModel", **cfg.diffusers_kwargs()}
                 (Path(config_dir) / "config.json").write_text(json.dumps(config))
                 model = WanTransformer3DModel.from_single_file(
                     str(path), config=config_dir, torch_dtype=dtype, local_files_only=True
                 )
-    except BackboneWeightsError:
-        raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise BackboneWeightsError(
-            f"could not load Wan2.1 weights from {path} ({type(err).__name__}: {err}); "
-            f"check the files are complete, or {_download_hint(hub_id, path)}."
+            f"could not load Wan2.1 weights from {path} ({type(err).__name__}: {err}); check the files are "
+            f"complete and match the preset, or {_download_hint(hub_id, path)}."
         ) from err
+    return model
 
+
+def _check_matches_preset(found: dict, cfg: WanConfig, path: Path) -> None:
+    """Compare a diffusers config.json with the preset before loading any weights."""
     mismatched = {
-        key: (model.config[key], want)
+        key: (found.get(key), want)
         for key, want in cfg.diffusers_kwargs().items()
-        if key not in ("rope_max_seq_len",) and _normalise(model.config.get(key)) != _normalise(want)
+        if key != "rope_max_seq_len" and key in found and _normalise(found[key]) != _normalise(want)
     }
     if mismatched:
         detail = ", ".join(f"{k}: file {got} vs preset {want}" for k, (got, want) in mismatched.items())
@@ -279,7 +283,6 @@ def load_wan_transformer(
             f"the Wan2.1 weights at {path} do not match the model preset ({detail}); "
             "pick the preset that matches these weights, or the weights that match the preset."
         )
-    return model
 
 
 def _normalise(value):

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from fwdata import __version__
-from fwdata.cli_common import version_callback
+from fwdata.cli_common import fail, version_callback
 from fwdata.doctor import DoctorOptions, run_doctor
 
 app = typer.Typer(
@@ -46,3 +46,33 @@ def doctor(
         path=output, required_free_bytes=int(min_free_gb * 1e9), need_gpu=need_gpu, weights=weights, purpose="train"
     )
     raise typer.Exit(run_doctor(opts))
+
+
+@app.command()
+def verify(
+    preset: str = typer.Option(
+        "wan2.1-t2v-1.3b", "--preset", help="Model preset: tiny, wan2.1-t2v-1.3b or wan2.1-i2v-14b."
+    ),
+    stage: int = typer.Option(1, "--stage", help="Training stage whose trainable flags to show: 1 or 2."),
+    format: str = typer.Option("table", "--format", help="Output format: table or json."),
+) -> None:
+    """Verify the two-stage configuration: parameters per module, trainable or frozen, and totals.
+
+    Builds the model on the meta device (no weights, no memory; seconds even for 14B).
+    """
+    from fwmodel.config import PRESET_NAMES
+    from fwmodel.params import parameter_report, render_table
+
+    if preset not in PRESET_NAMES:
+        fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    if stage not in (1, 2):
+        fail(f"--stage must be 1 or 2, got {stage}")
+    if format not in ("table", "json"):
+        fail(f"--format must be table or json, got {format!r}")
+    report = parameter_report(preset, stage)
+    if format == "json":
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(report))

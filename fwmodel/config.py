@@ -139,8 +139,9 @@ class ModelConfig(_Strict):
         return VAE_SPATIAL * self.wan.patch_size[1]
 
     def fingerprint(self) -> str:
-        """Short hash of everything that shapes the weights (the name and description excluded)."""
-        blob = json.dumps(self.model_dump(exclude={"name", "description", "hub_id"}), sort_keys=True)
+        """Short hash of everything that shapes the weights and their meaning (names and memory knobs excluded)."""
+        exclude = {"name": True, "description": True, "hub_id": True, "geometry": {"dpt_frames_chunk"}}
+        blob = json.dumps(self.model_dump(exclude=exclude), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @model_validator(mode="after")

@@ -1,0 +1,128 @@
+"""Atomic sample writing, completion markers, video round trip and the fused cloud."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fwdata import camera
+from fwdata.contract import (
+    DEPTH_NPZ,
+    POINTS_NPZ,
+    CameraFile,
+    ContractError,
+    DatasetMetadata,
+    Provenance,
+    SampleRecord,
+    SourceRef,
+    load_metadata,
+    load_npz,
+    read_camera_json,
+    read_camera_txt,
+    camera_txt_to_arrays,
+    sample_paths,
+)
+from fwdata.store import SampleData, finished_records, is_finished, write_metadata, write_sample
+from fwdata.video import VideoError, probe, read_frames, write_mp4
+
+T, H, W = 5, 32, 64  # decord mis-decodes some tiny widths (48 px); 64 is fine
+
+
+def make_sample(sid="t-000000-00000000"):
+    rng = np.random.default_rng(1)
+    # a fronto-parallel wall at z = 2 seen by a camera moving sideways
+    w2c = np.stack([camera.make_pose(np.eye(3), [-0.05 * i, 0.0, 0.0]) for i in range(T)])
+    K = camera.intrinsics_matrix(40.0, 40.0, W / 2, H / 2)
+    cams = CameraFile.from_arrays(w2c, K, width=W, height=H, scale="metric", source_frames=[2 * i for i in range(T)])
+    depth = np.full((T, H, W), 2.0, np.float32)
+    depth[0, 0, 0] = np.nan  # invalid pixel must come out as depth 0, valid False
+    frames = rng.integers(0, 255, (T, H, W, 3), dtype=np.uint8)
+    rec = SampleRecord(
+        id=sid, paths=sample_paths(sid), num_frames=T, height=H, width=W, fps=10.0, scale="metric",
+        scale_source="test", depth_source="test",
+        source=SourceRef(path="x.mp4", fps=20.0, num_frames=20, width=W, height=H, start_frame=0, stride=2,
+                         crop_xywh=(0, 0, W, H), resize_scale=(1, 1)),
+    )
+    return rec, SampleData(frames=frames, depth=depth, depth_valid=np.ones((T, H, W), bool), cameras=cams)
+
+
+def test_write_sample_writes_every_file_of_the_contract(tmp_path):
+    rec, data = make_sample()
+    write_sample(tmp_path, rec, data)
+    assert is_finished(tmp_path, rec.id)
+    d = load_npz(tmp_path / rec.paths.depth, DEPTH_NPZ, rec.dims)
+    assert d["depth"][0, 0, 0] == 0 and not d["valid"][0, 0, 0] and d["valid"].sum() == T * H * W - 1
+    p = load_npz(tmp_path / rec.paths.points, POINTS_NPZ, rec.dims)
+    # points are the unprojected depth: the wall at z=2 in frame 0; frame 4's camera sits at x=+0.2
+    X = p["points"].astype(np.float64)
+    np.testing.assert_allclose(X[..., 2][p["valid"]], 2.0, rtol=1e-3)
+    u0 = (0.5 - W / 2) / 40.0 * 2.0
+    np.testing.assert_allclose(X[4, 5, 0, 0], u0 + 0.2, atol=2e-3)
+    cams = read_camera_json(tmp_path / rec.paths.camera_json)
+    np.testing.assert_array_equal(cams.w2c_array(), data.cameras.w2c_array())
+    w2c_txt, K_txt = camera_txt_to_arrays(read_camera_txt(tmp_path / rec.paths.camera_txt), W, H)
+    np.testing.assert_allclose(w2c_txt, cams.w2c_array(), atol=1e-15)
+    info = probe(tmp_path / rec.paths.video)
+    assert (info.num_frames, info.width, info.height) == (T, W, H) and info.fps == pytest.approx(10.0)
+    assert (tmp_path / rec.paths.points_ply).stat().st_size > 0
+    # no temporary files are left behind
+    assert not [p for p in tmp_path.rglob(".*tmp*")]
+    assert [r.id for r in finished_records(tmp_path)] == [rec.id]
+
+
+def test_wrong_arrays_write_nothing(tmp_path):
+    rec, data = make_sample()
+    data.depth = data.depth[:, :, :-1]
+    with pytest.raises((ContractError, ValueError)):
+        write_sample(tmp_path, rec, data)
+    assert not is_finished(tmp_path, rec.id)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_a_failed_write_leaves_no_sample_and_no_temp_files(tmp_path, monkeypatch):
+    rec, data = make_sample()
+    import fwdata.store as store
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "format_camera_txt", boom)  # fails after the video and npz were staged
+    with pytest.raises(OSError, match="disk full"):
+        write_sample(tmp_path, rec, data)
+    assert not is_finished(tmp_path, rec.id)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_metadata_from_markers_round_trips(tmp_path):
+    recs = []
+    for sid in ("a-000000-00000000", "b-000000-00000000"):
+        rec, data = make_sample(sid)
+        write_sample(tmp_path, rec, data, write_ply=False)
+        recs.append(rec)
+    meta = write_metadata(tmp_path, DatasetMetadata(provenance=Provenance(tool_version="0", created="now"),
+                                                    samples=finished_records(tmp_path)))
+    back = load_metadata(tmp_path)
+    assert back == meta and back.statistics.num_samples == 2 and back.splits["train"] == [r.id for r in recs]
+
+
+def test_video_round_trip_and_errors(tmp_path):
+    frames = np.zeros((9, 32, 64, 3), np.uint8)
+    frames[:, 8:24, 8:40] = np.linspace(0, 250, 9, dtype=np.uint8)[:, None, None, None]
+    p = tmp_path / "v.mp4"
+    write_mp4(p, frames, fps=12.0)
+    back = read_frames(p)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 2.0
+    second = tmp_path / "w.mp4"
+    write_mp4(second, frames, fps=12.0)
+    assert p.read_bytes() == second.read_bytes()  # deterministic encoding
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty"):
+        probe(tmp_path / "empty.mp4")
+    (tmp_path / "text.mp4").write_text("not a video at all")
+    with pytest.raises(VideoError, match="not a readable video"):
+        probe(tmp_path / "text.mp4")
+    with pytest.raises(VideoError, match="not found"):
+        probe(tmp_path / "missing.mp4")
+    with pytest.raises(VideoError, match="out of range"):
+        read_frames(p, [0, 9])
