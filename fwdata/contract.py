@@ -471,6 +471,10 @@ class SourceRef(BaseModel):
         description="crop of the source frame (after rotation) in source pixels: x0, y0, width, height"
     )
     resize_scale: tuple[float, float] = Field(description="clip pixels per cropped source pixel, (sx, sy)")
+    rotation_deg: int = Field(
+        0, description="display rotation (degrees, counter-clockwise) stored in the source container and applied "
+                       "by the decoder before cropping; width/height above are after rotation"
+    )
 
 
 class QualityMetrics(BaseModel):
@@ -482,6 +486,9 @@ class QualityMetrics(BaseModel):
     reprojection_error_px: Optional[float] = Field(None, ge=0, description="mean SfM reprojection error, pixels")
     num_points3d: Optional[int] = Field(None, ge=0, description="sparse SfM points")
     depth_sfm_absrel: Optional[float] = Field(None, ge=0, description="AbsRel of aligned depth vs SfM point depths")
+    depth_sfm_absrel_max_frame: Optional[float] = Field(
+        None, ge=0, description="largest per-frame AbsRel of aligned depth vs the SfM points seen in that frame"
+    )
     multiview_consistency: Optional[float] = Field(
         None, ge=0, le=1, description="fraction of overlapping pixels whose depth agrees after warping between frames"
     )

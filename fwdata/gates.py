@@ -153,10 +153,12 @@ class Tolerances(BaseModel):
     fps_rel_tol: float = Field(0.01, ge=0, description="video fps vs metadata fps, relative")
     multiview_rel_tol: float = Field(0.05, gt=0, description="depth agreement tolerance of multiview_consistency")
     multiview_stride: int = Field(2, ge=1, description="pixel stride of the multi-view consistency check")
+    multiview_max_pairs: int = Field(16, ge=1, description="frame pairs (gaps 1 and 4, spread over the clip) of the "
+                                                          "multi-view consistency check")
     multiview_floor: float = Field(
         0.5, ge=0, le=1, description="cross.multiview_consistency fires below this (depth and cameras disagree)"
     )
-    ply_sample_points: int = Field(2000, ge=1, description="fused-cloud points checked against the point maps")
+    ply_sample_points: int = Field(1000, ge=1, description="fused-cloud points checked against the point maps")
     ply_rel_tol: float = Field(0.03, gt=0, description="a cloud point is supported when a point map holds a point "
                                                         "within ply_rel_tol * depth of it")
     ply_min_support: float = Field(0.9, ge=0, le=1, description="fewest fraction of cloud points supported")

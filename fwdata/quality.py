@@ -23,10 +23,20 @@ def frame_pairs(num_frames: int, gaps: Sequence[int] = (1, 4), max_pairs: int = 
     return pairs
 
 
-def _strided_points(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, stride: int) -> np.ndarray:
-    """Camera-frame points (N,3) of the valid pixels among every `stride`-th pixel (row-major order)."""
-    pts = camera.unproject_depth(depth[::stride, ::stride], camera.subsample_intrinsics(K, stride))
-    return pts[valid[::stride, ::stride]]
+def _strided_points(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, stride: int,
+                    rays: Optional[dict] = None) -> np.ndarray:
+    """Camera-frame points (N,3) of the valid pixels among every `stride`-th pixel (row-major order).
+
+    `rays`: a dict caching the unit-depth rays per K (clips usually share one K).
+    """
+    d = depth[::stride, ::stride]
+    m = valid[::stride, ::stride]
+    if rays is None:
+        return camera.unproject_depth(d, camera.subsample_intrinsics(K, stride))[m]
+    key = (K.tobytes(), d.shape)
+    if key not in rays:
+        rays[key] = camera.unproject_depth(np.ones(d.shape), camera.subsample_intrinsics(K, stride))
+    return rays[key][m] * d[m][:, None].astype(np.float64)
 
 
 def _agreement(points_a: np.ndarray, w2c_a: np.ndarray, depth_b: np.ndarray, valid_b: np.ndarray,
@@ -61,22 +71,26 @@ def depth_agreement(depth_a: np.ndarray, valid_a: np.ndarray, K_a: np.ndarray, w
 
 def multiview_consistency(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, w2c: np.ndarray,
                           rel_tol: float = 0.05, pairs: Optional[list[tuple[int, int]]] = None,
-                          stride: int = 2) -> Optional[float]:
+                          stride: int = 2, max_pairs: int = 32) -> Optional[float]:
     """Fraction of overlapping pixels whose depth agrees (within rel_tol) after warping between frames.
 
-    Uses `frame_pairs` by default and every `stride`-th pixel (the sum of `depth_agreement` over
-    the pairs; each frame is unprojected once). None when no pair overlaps (e.g. a single frame).
+    Uses `frame_pairs(T, max_pairs=max_pairs)` by default and every `stride`-th pixel (the sum of
+    `depth_agreement` over the pairs; each frame is unprojected once). None when no pair overlaps
+    (e.g. a single frame).
     """
     T = depth.shape[0]
-    pairs = frame_pairs(T) if pairs is None else pairs
-    cache: dict[int, np.ndarray] = {}
-    agree = total = 0
+    pairs = frame_pairs(T, max_pairs=max_pairs) if pairs is None else pairs
+    by_source: dict[int, list[int]] = {}
     for i, j in pairs:
-        if i not in cache:
-            cache[i] = _strided_points(depth[i], valid[i], K[i], stride)
-        a, n = _agreement(cache[i], w2c[i], depth[j], valid[j], K[j], w2c[j], rel_tol)
-        agree += a
-        total += n
+        by_source.setdefault(i, []).append(j)
+    agree = total = 0
+    rays: dict = {}
+    for i, targets in by_source.items():  # each source frame unprojected once, then dropped
+        points_i = _strided_points(depth[i], valid[i], K[i], stride, rays)
+        for j in targets:
+            a, n = _agreement(points_i, w2c[i], depth[j], valid[j], K[j], w2c[j], rel_tol)
+            agree += a
+            total += n
     return agree / total if total else None
 
 
@@ -104,7 +118,7 @@ def camera_motion(w2c: np.ndarray) -> tuple[float, float]:
     path = float(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum()) if len(w2c) > 1 else 0.0
     R0 = w2c[0, :3, :3]
     rel = w2c[:, :3, :3] @ R0.T
-    rot = float(max(camera.rotation_angle_deg(r) for r in rel))
+    rot = float(camera.rotation_angle_deg(rel).max())
     return path, rot
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from fwdata.validate import Severity, ValidateOptions, ValidationReport, validate_dataset
+from fwdata.validate import Severity, UsageError, ValidateOptions, ValidationReport, validate_dataset
 
 
 class ReportFormat(str, Enum):
@@ -164,6 +164,10 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
     """
     console = console or Console()
     err = Console(stderr=True)
+    if output is not None:
+        root, out = Path(opts.dataset).resolve(), output.resolve()
+        if out == root or root in out.parents:
+            raise UsageError(f"--output {output} is inside the dataset; validation never writes into it")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -195,7 +195,7 @@ def _draw_shapes(img: np.ndarray, regions: np.ndarray, areas: np.ndarray, rng: n
     counts = np.maximum(6, rng.poisson(SHAPES_PER_M2 * np.asarray(areas)))
     owner = np.repeat(np.arange(len(regions)), counts)
     n = len(owner)
-    r0, c0, h, w = (regions[owner, k].astype(np.float64) for k in range(4))
+    r0, c0, h, w = (regions[owner, k] for k in range(4))
     rad = np.exp(rng.uniform(math.log(0.015), math.log(0.30), n)) * TEXELS_PER_METRE
     cy = r0 + rng.uniform(0, 1, n) * h
     cx = c0 + rng.uniform(0, 1, n) * w
@@ -210,53 +210,63 @@ def _draw_shapes(img: np.ndarray, regions: np.ndarray, areas: np.ndarray, rng: n
     color[push == 1] = 0.75 + 0.25 * color[push == 1]
     bounds = [0.0, 2.0, 4.0, 7.0, 11.0, 16.0, np.inf]
     for lo_r, hi_r in reversed(list(zip(bounds[:-1], bounds[1:]))):
-        sel = np.nonzero((rad > lo_r) & (rad <= hi_r))[0]
-        if len(sel) == 0:
-            continue
-        sel = sel[np.argsort(-rad[sel], kind="stable")]
-        ext = int(math.ceil(rad[sel].max())) + 1
-        off = np.arange(-ext, ext + 1)
-        py = np.floor(cy[sel]).astype(np.int64)[:, None, None] + off[None, :, None]
-        px = np.floor(cx[sel]).astype(np.int64)[:, None, None] + off[None, None, :]
-        yy = py + 0.5 - cy[sel, None, None]
-        xx = px + 0.5 - cx[sel, None, None]
-        cos, sin = np.cos(ang[sel])[:, None, None], np.sin(ang[sel])[:, None, None]
-        dx, dy = np.abs(xx * cos + yy * sin), yy * cos - xx * sin
-        A, B = a[sel, None, None], b[sel, None, None]
+        for shape_kind in range(5):
+            sel = np.nonzero((rad > lo_r) & (rad <= hi_r) & (kind == shape_kind))[0]
+            if len(sel):
+                _paint(img, shape_kind, sel, cy, cx, a, b, ang, inner, color, (r0, c0, h, w))
+
+
+def _paint(img: np.ndarray, shape_kind: int, sel: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+           a: np.ndarray, b: np.ndarray, ang: np.ndarray, inner: np.ndarray, color: np.ndarray,
+           region: tuple[np.ndarray, ...]) -> None:
+    """Paint shapes ``sel`` of one kind (0 ellipse, 1 ring, 2 rectangle, 3 cross, 4 triangle)
+    into img, each in a square window around its centre, clipped to its region (r0, c0, h, w)."""
+    ext = int(math.ceil(a[sel].max())) + 1
+    off = np.arange(-ext, ext + 1)
+    py = np.floor(cy[sel]).astype(np.int64)[:, None, None] + off[None, :, None]
+    px = np.floor(cx[sel]).astype(np.int64)[:, None, None] + off[None, None, :]
+    yy = (py + 0.5 - cy[sel, None, None]).astype(np.float32)
+    xx = (px + 0.5 - cx[sel, None, None]).astype(np.float32)
+    cos = np.cos(ang[sel])[:, None, None].astype(np.float32)
+    sin = np.sin(ang[sel])[:, None, None].astype(np.float32)
+    dx, dy = np.abs(xx * cos + yy * sin), yy * cos - xx * sin
+    A = a[sel, None, None].astype(np.float32)
+    B = b[sel, None, None].astype(np.float32)
+    if shape_kind <= 1:
         e = (dx / A) ** 2 + (dy / B) ** 2
-        k = kind[sel, None, None]
-        mask = np.select(
-            [k == 0, k == 1, k == 2, k == 3],
-            [e <= 1.0,  # ellipse
-             (e <= 1.0) & (e >= inner[sel, None, None]),  # ring
-             (dx <= A) & (np.abs(dy) <= B),  # rectangle
-             ((dx <= A) & (np.abs(dy) <= 0.3 * B)) | ((dx <= 0.3 * B) & (np.abs(dy) <= A))],  # cross
-            (dy <= B) & (dx <= A * (B - dy) / (2 * B)),  # triangle
-        )
-        mask &= (py >= r0[sel, None, None]) & (py < (r0 + h)[sel, None, None])
-        mask &= (px >= c0[sel, None, None]) & (px < (c0 + w)[sel, None, None])
-        j, iy, ix = np.nonzero(mask)
-        img[py[j, iy, 0], px[j, 0, ix]] = color[sel[j]]
+        mask = e <= 1.0
+        if shape_kind == 1:
+            mask &= e >= inner[sel, None, None]
+    elif shape_kind == 2:
+        mask = (dx <= A) & (np.abs(dy) <= B)
+    elif shape_kind == 3:
+        mask = ((dx <= A) & (np.abs(dy) <= 0.3 * B)) | ((dx <= 0.3 * B) & (np.abs(dy) <= A))
+    else:
+        mask = (dy <= B) & (dx <= A * (B - dy) / (2 * B))
+    r0, c0, h, w = (x[sel, None, None] for x in region)
+    mask &= (py >= r0) & (py < r0 + h) & (px >= c0) & (px < c0 + w)
+    j, iy, ix = np.nonzero(mask)
+    img[py[j, iy, 0], px[j, 0, ix]] = color[sel[j]]
 
 
 def _make_texture(regions: np.ndarray, areas: list[float], atlas_shape: tuple[int, int],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Atlas texels of all mip levels -> (texels (M,) RGBA8 packed in uint32, level offsets (L,))."""
     ah, aw = atlas_shape
-    rid = np.full((ah, aw), len(regions), dtype=np.int64)  # last palette entry = unused space
-    for i, (r0, c0, h, w) in enumerate(regions):
-        rid[r0:r0 + h, c0:c0 + w] = i
-    palette = rng.random((len(regions) + 1, 3, 3)).astype(np.float32)
+    palette = rng.random((len(regions), 3, 3)).astype(np.float32)
     # Colour: blend of three per-surface colours by large-scale noise; luminance detail by
     # finer octaves; then random shapes on top.
     m1 = 1.0 / (1.0 + np.exp(-2.5 * _noise((ah, aw), 40, rng)))
     m2 = np.clip(_noise((ah, aw), 20, rng) - 0.3, 0.0, 1.0) * 0.8
-    img = palette[rid, 0] * (1 - m1[..., None]) + palette[rid, 1] * m1[..., None]
-    img = img * (1 - m2[..., None]) + palette[rid, 2] * m2[..., None]
     detail = (0.45 * _noise((ah, aw), 10, rng) + 0.3 * _noise((ah, aw), 5, rng)
               + 0.2 * _noise((ah, aw), 3, rng))
-    img = img * (0.85 + 0.35 * np.tanh(detail))[..., None]
-    img = np.clip(img, 0.0, 1.0).astype(np.float32)
+    lum = 0.85 + 0.35 * np.tanh(detail)
+    img = np.zeros((ah, aw, 3), np.float32)
+    for (r0, c0, h, w), (c1, c2, c3) in zip(regions, palette):
+        win = np.s_[r0:r0 + h, c0:c0 + w]
+        t1, t2 = m1[win][..., None], m2[win][..., None]
+        img[win] = ((c1 * (1 - t1) + c2 * t1) * (1 - t2) + c3 * t2) * lum[win][..., None]
+    np.clip(img, 0.0, 1.0, out=img)
     _draw_shapes(img, regions, np.asarray(areas), rng)
     levels = [img]
     for _ in range(1, MIP_LEVELS):  # 2x2 box filter; regions are aligned so levels do not bleed
@@ -422,8 +432,9 @@ def camera_path(kind: str, num_frames: int, scene: Scene, seed: int) -> np.ndarr
     """Smooth camera trajectory inside the scene's free cylinder -> w2c (T,4,4) float64.
 
     kind: "orbit" (arc of 20-90 degrees around an object, looking at it), "forward" (dolly
-    forward with slight sideways drift and wobble), "pan" (sideways truck, looking roughly
-    forward), "rotate" (in-place yaw of 12-60 degrees, some tilt, 0.25-0.5 m of translation).
+    forward with slight sideways drift, a slow 10-16 degree turn and wobble), "pan" (sideways
+    truck looking roughly forward, turning 14-20 degrees), "rotate" (in-place yaw of 12-60
+    degrees, some tilt, 0.3-0.6 m of translation). All views tilt a little (a few degrees).
     Per-frame motion is a few centimetres / about one degree; the total grows with num_frames
     up to what the free space allows. Of PATH_CANDIDATES random paths the one whose views have
     the most depth variety is kept (objects against walls, not one plane filling the view: SfM
@@ -501,15 +512,18 @@ def _random_path(kind: str, num_frames: int, scene: Scene, rng: np.random.Genera
         length = float(np.clip(speed * n, 0.3, 0.9 * chord))
         if kind == "forward":
             eyes = C + offset * side + ((s - 0.5) * length)[:, None] * fwd + drift[:, None] * side
-            yaw = yaw0 + math.radians(3.0) * np.sin(math.pi * s * rng.uniform(0.5, 1.5) + rng.uniform(0, 3))
+            # Looking around a little while walking (a 10-16 degree turn plus wobble): without
+            # rotation SfM cannot tell the focal length from a stretch of the scene in depth.
+            yaw = (yaw0 + math.radians(rng.uniform(10.0, 16.0)) * rng.choice([-1.0, 1.0]) * (s - 0.5)
+                   + math.radians(3.0) * np.sin(math.pi * s * rng.uniform(0.5, 1.5) + rng.uniform(0, 3)))
         else:
             sign = rng.choice([-1.0, 1.0])
             eyes = C + offset * fwd + ((s - 0.5) * length * sign)[:, None] * side + drift[:, None] * fwd
-            # A slow turn of 12-18 degrees over the truck: enough rotation for SfM to fix the focal
-            # length (pure translation leaves focal and depth ambiguous).
-            yaw = yaw0 + math.radians(rng.uniform(12.0, 18.0)) * rng.choice([-1.0, 1.0]) * (s - 0.5)
+            # A slow turn of 14-20 degrees and some tilt over the truck: enough rotation for SfM to
+            # fix the focal length (pure translation leaves focal length and depth ambiguous).
+            yaw = yaw0 + math.radians(rng.uniform(14.0, 20.0)) * rng.choice([-1.0, 1.0]) * (s - 0.5)
         eyes[:, 1] = C[1] + bob
-        pitch = pitch0 + math.radians(2.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
+        pitch = pitch0 + math.radians(4.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
         targets = eyes + _direction(yaw, pitch)
     else:  # rotate
         pivot = C + rng.uniform(0.0, 0.5 * R) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))

@@ -193,7 +193,6 @@ class SampleResult(BaseModel):
     skipped: dict[str, str] = Field(default_factory=dict, description="check id -> why it could not run")
     video_sha1: Optional[str] = None
     seconds: float = 0.0
-    passed: bool = True
 
 
 class CheckSummary(BaseModel):
@@ -555,12 +554,17 @@ def _check_camera_txt(ctx: _Ctx, cams: Optional[CameraFile]) -> None:
 
 
 def _float16_masks(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(finite, nonzero) masks (T,H,W) of float16 points (T,H,W,3), from the bit patterns (fast)."""
-    bits = points.view(np.uint16)
-    special = (bits & 0x7C00) == 0x7C00  # exponent all ones: inf or nan
-    nonzero = (bits & 0x7FFF) != 0
-    finite = ~(special[..., 0] | special[..., 1] | special[..., 2])
-    return finite, nonzero[..., 0] | nonzero[..., 1] | nonzero[..., 2]
+    """(finite, nonzero) masks (T,H,W) of float16 points (T,H,W,3), from the bit patterns (fast),
+    frame by frame (no full-size temporaries)."""
+    finite = np.empty(points.shape[:-1], dtype=bool)
+    nonzero = np.empty(points.shape[:-1], dtype=bool)
+    for t in range(points.shape[0]):
+        bits = points[t].view(np.uint16)
+        special = (bits & 0x7C00) == 0x7C00  # exponent all ones: inf or nan
+        nz = (bits & 0x7FFF) != 0
+        finite[t] = ~(special[..., 0] | special[..., 1] | special[..., 2])
+        nonzero[t] = nz[..., 0] | nz[..., 1] | nz[..., 2]
+    return finite, nonzero
 
 
 def _check_values(ctx: _Ctx, depth: Optional[dict], points: Optional[dict]) -> Optional[np.ndarray]:
@@ -785,19 +789,16 @@ def _check_ply(ctx: _Ctx, points: Optional[dict], cams: Optional[CameraFile]) ->
         P, PV = points["points"], points["valid"]
         T, H, W = PV.shape
         uv, z = camera.project_points(sel[None], cams.intrinsics_array(), cams.w2c_array())  # (T,M,2), (T,M)
+        u, v = uv[..., 0], uv[..., 1]
+        with np.errstate(invalid="ignore"):
+            inside = (z > 0) & np.isfinite(u) & np.isfinite(v) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+        t_idx, m_idx = np.nonzero(inside)  # every (frame, cloud point) where the point is in view
+        row = np.floor(v[t_idx, m_idx]).astype(np.int64)
+        col = np.floor(u[t_idx, m_idx]).astype(np.int64)
+        dist = np.linalg.norm(P[t_idx, row, col].astype(np.float64) - sel[m_idx], axis=-1)
+        close = PV[t_idx, row, col] & (dist <= tol.ply_rel_tol * z[t_idx, m_idx])
         supported = np.zeros(len(sel), dtype=bool)
-        for t in range(T):
-            u, v = uv[t, :, 0], uv[t, :, 1]
-            inside = (z[t] > 0) & np.isfinite(u) & np.isfinite(v) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
-            if not inside.any():
-                continue
-            idx = np.flatnonzero(inside)
-            col = np.floor(u[idx]).astype(np.int64)
-            row = np.floor(v[idx]).astype(np.int64)
-            ok = PV[t, row, col]
-            dist = np.linalg.norm(P[t, row, col].astype(np.float64) - sel[idx], axis=-1)
-            close = ok & (dist <= tol.ply_rel_tol * z[t, idx])
-            supported[idx[close]] = True
+        supported[m_idx[close]] = True
         frac = float(supported.mean())
         if frac < tol.ply_min_support:
             ctx.emit("cross.ply_matches_points", f"only {frac:.1%} of {len(sel)} sampled cloud points lie on the point "
@@ -815,7 +816,13 @@ _RECORDED_TOL = {
 }
 
 
-def _compute_metrics(ctx: _Ctx, frames: Optional[np.ndarray], depth: Optional[dict],
+def _video_metrics(frames: Optional[np.ndarray]) -> dict[str, float]:
+    if frames is None:
+        return {}
+    return {"blur": quality.blur_score(frames), "brightness": quality.brightness(frames)}
+
+
+def _compute_metrics(ctx: _Ctx, video_metrics: dict[str, float], depth: Optional[dict],
                      cams: Optional[CameraFile], rotations_ok: bool) -> None:
     rec = ctx.rec
     m: dict[str, Optional[float]] = {k: None for k in gates.METRICS}
@@ -823,9 +830,7 @@ def _compute_metrics(ctx: _Ctx, frames: Optional[np.ndarray], depth: Optional[di
         m[k] = getattr(rec.quality, k)
     m["duration_s"] = rec.num_frames / rec.fps
     cams_ok = cams is not None and cams.num_frames == rec.num_frames
-    if frames is not None:
-        m["blur"] = quality.blur_score(frames)
-        m["brightness"] = quality.brightness(frames)
+    m.update(video_metrics)
     if depth is not None:
         m["valid_depth_fraction"] = float(depth["valid"].mean())
     if cams_ok:
@@ -841,7 +846,8 @@ def _compute_metrics(ctx: _Ctx, frames: Optional[np.ndarray], depth: Optional[di
         with ctx.check("cross.multiview_consistency"):
             valid = depth["valid"] & np.isfinite(depth["depth"]) & (depth["depth"] > 0)
             mv = quality.multiview_consistency(depth["depth"], valid, cams.intrinsics_array(), cams.w2c_array(),
-                                               rel_tol=ctx.tol.multiview_rel_tol, stride=ctx.tol.multiview_stride)
+                                               rel_tol=ctx.tol.multiview_rel_tol, stride=ctx.tol.multiview_stride,
+                                               max_pairs=ctx.tol.multiview_max_pairs)
             m["multiview_consistency"] = mv
             if mv is not None and mv < ctx.tol.multiview_floor:
                 ctx.emit("cross.multiview_consistency", f"only {mv:.1%} of overlapping pixels agree after warping "
@@ -875,6 +881,8 @@ def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.
     ctx = _Ctx(Path(root), rec, tol or gates.Tolerances(), SampleResult(id=rec.id, status=rec.status, split=rec.split))
     present = {rel for rel in rec.paths.all() if (ctx.root / rel).is_file()}
     frames = _check_video(ctx) if rec.paths.video in present else None
+    video_metrics = _video_metrics(frames)
+    del frames  # only one sample's arrays in memory at a time, and the frames not even that long
     depth = _check_npz(ctx, "depth", rec.paths.depth, DEPTH_NPZ) if rec.paths.depth in present else None
     points = _check_npz(ctx, "points", rec.paths.points, POINTS_NPZ) if rec.paths.points in present else None
     cams = _check_camera_json(ctx) if rec.paths.camera_json in present else None
@@ -890,7 +898,7 @@ def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.
         ctx.skip("cross.points_match_depth", "depth, points or cameras not usable")
     if rec.paths.points_ply in present:
         _check_ply(ctx, points, cams if cams_ok else None)
-    _compute_metrics(ctx, frames, depth, cams, rotations_ok)
+    _compute_metrics(ctx, video_metrics, depth, cams, rotations_ok)
     for cid, c in REGISTRY.items():  # whatever did not run on this sample, say why
         if c.scope == "sample" and cid not in ctx._ran and not cid.startswith(("gate.", "internal.")):
             ctx.skip(cid, "input file missing or unusable")
@@ -899,9 +907,17 @@ def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.
     return ctx.result
 
 
+#: tests set this environment variable to a sample id to make the worker process checking it die,
+#: which exercises the crash isolation (honoured in worker processes only)
+CRASH_TEST_ENV = "FWDATA_VALIDATE_TEST_CRASH"
+
+
 def _check_sample_task(args: tuple[str, str, dict]) -> SampleResult:
     root, rec_json, tol = args
-    return check_sample(root, SampleRecord.model_validate_json(rec_json), gates.Tolerances.model_validate(tol))
+    rec = SampleRecord.model_validate_json(rec_json)
+    if os.environ.get(CRASH_TEST_ENV) == rec.id:
+        os._exit(70)
+    return check_sample(root, rec, gates.Tolerances.model_validate(tol))
 
 
 # --------------------------------------------------------------------------- dataset-level checks
@@ -1110,10 +1126,14 @@ def _iter_results(root: Path, records: list[SampleRecord], tol: gates.Tolerances
             try:
                 yield fut.result()
             except BrokenProcessPool:
-                # a worker died (native crash): re-run what was in flight one by one, each in a fresh process
+                # a worker died (native crash): every unfinished sample in flight is re-run alone in a
+                # fresh process, so only the one that crashes again gets internal.worker_crashed
                 pool.shutdown(wait=False, cancel_futures=True)
-                for r in [rec] + [r for r, _ in pending]:
-                    yield _isolated(root, r, tol_d, ctx)
+                for r, f in [(rec, fut)] + list(pending):
+                    try:
+                        yield f.result()
+                    except BrokenProcessPool:
+                        yield _isolated(root, r, tol_d, ctx)
                 pending.clear()
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     finally:
@@ -1210,7 +1230,10 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
         wanted = set(opts.samples)
         records = [r for r in records if r.id in wanted]
 
-    results: list[SampleResult] = []
+    # per sample only a summary, its findings and the facts the dataset gates need are kept
+    summaries: list[SampleSummary] = []
+    sample_findings: list[Finding] = []
+    facts: list[gates.SampleFacts] = []
     for n, res in enumerate(_iter_results(root, records, config.tolerances, opts.workers), start=1):
         rec = records[n - 1]
         gate_fail = gates.evaluate_sample(res.id, res.metrics, config)
@@ -1227,10 +1250,16 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
         for cid, why in res.skipped.items():
             c, _ = skipped.get(cid, (0, why))
             skipped[cid] = (c + 1, why)
-        res.passed = not any(f.severity == Severity.ERROR or (f.check.startswith("gate.") and
-                                                               f.severity != Severity.INFO) for f in res.findings)
-        # keep only what the report needs (frames and arrays never leave the worker)
-        results.append(res)
+        passed = not any(f.severity == Severity.ERROR or (f.check.startswith("gate.") and f.severity != Severity.INFO)
+                         for f in res.findings)
+        summaries.append(SampleSummary(id=res.id, status=res.status, split=res.split, passed=passed,
+                                       errors=sum(f.severity == Severity.ERROR for f in res.findings),
+                                       warnings=sum(f.severity == Severity.WARNING for f in res.findings),
+                                       metrics=res.metrics))
+        sample_findings.extend(res.findings)
+        facts.append(gates.SampleFacts(id=res.id, split=res.split, status=res.status, source=rec.source.path,
+                                       start_frame=rec.source.start_frame, stride=rec.source.stride,
+                                       num_frames=rec.num_frames, passed=passed, video_sha1=res.video_sha1))
         if progress:
             progress(res.id, n, len(records))
 
@@ -1242,10 +1271,6 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
     if meta_res.meta is not None:
         random_models = [f"{m.role} model {m.name!r}" for m in meta_res.meta.provenance.models if m.random_init]
     if not subset:
-        facts = [gates.SampleFacts(id=r.id, split=r.split, status=r.status, source=rec.source.path,
-                                   start_frame=rec.source.start_frame, stride=rec.source.stride,
-                                   num_frames=rec.num_frames, passed=r.passed, video_sha1=r.video_sha1)
-                 for r, rec in zip(results, records)]
         for g in gates.evaluate_dataset(facts, random_models, config):
             sev = Severity(g.severity) if g.severity else REGISTRY[g.check].severity
             dataset_findings.append(Finding(check=g.check, severity=sev, message=g.message, sample=g.sample,
@@ -1261,16 +1286,13 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
                                            file=METADATA_FILE))
         mark(["gate.random_init_model"])
     report.summary.samples_total = len(meta_res.raw_samples)
-    return _finish(report, _apply_severity(dataset_findings, overrides), results, ran, skipped, overrides,
-                   fatal=False, t0=t0)
+    return _finish(report, _apply_severity(dataset_findings, overrides) + sample_findings, summaries, ran, skipped,
+                   overrides, fatal=False, t0=t0)
 
 
-def _finish(report: ValidationReport, dataset_findings: list[Finding], results: list[SampleResult],
+def _finish(report: ValidationReport, findings: list[Finding], summaries: list[SampleSummary],
             ran: dict[str, int], skipped: dict[str, tuple[int, str]], overrides: dict[str, str], fatal: bool,
             t0: float) -> ValidationReport:
-    findings = list(dataset_findings)
-    for r in results:
-        findings.extend(r.findings)
     per_check: dict[str, list[Finding]] = {}
     for f in findings:
         per_check.setdefault(f.check, []).append(f)
@@ -1296,13 +1318,10 @@ def _finish(report: ValidationReport, dataset_findings: list[Finding], results: 
                                    skip_reason=why if outcome == "skipped" or n_skip else None))
     report.checks = checks
     report.findings = findings
-    report.samples = [SampleSummary(id=r.id, status=r.status, split=r.split, passed=r.passed,
-                                    errors=sum(f.severity == Severity.ERROR for f in r.findings),
-                                    warnings=sum(f.severity == Severity.WARNING for f in r.findings),
-                                    metrics=r.metrics) for r in results]
+    report.samples = summaries
     s = report.summary
-    s.samples_checked = len(results)
-    s.samples_passed = sum(r.passed for r in results)
+    s.samples_checked = len(summaries)
+    s.samples_passed = sum(r.passed for r in summaries)
     s.errors = sum(f.severity == Severity.ERROR for f in findings)
     s.warnings = sum(f.severity == Severity.WARNING for f in findings)
     s.infos = sum(f.severity == Severity.INFO for f in findings)

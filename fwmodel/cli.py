@@ -76,3 +76,181 @@ def verify(
         from rich.console import Console
 
         Console().print(render_table(report))
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause and fix: printed as one line (exit 2) instead of a traceback."""
+    from fwmodel.backbone import BackboneWeightsError
+    from fwmodel.checkpoint import CheckpointError
+    from fwmodel.data import DataError
+    from fwmodel.memory import MemoryPreflightError
+    from fwmodel.train import ConfigError, ResumeError
+
+    return (BackboneWeightsError, CheckpointError, DataError, MemoryPreflightError, ConfigError, ResumeError)
+
+
+def _stage_config(config: Optional[Path], stage: int):
+    """Check --stage against the config file's train.stage (a Stage-1 recipe run as Stage 2 is a mistake)."""
+    import tomllib
+
+    if config is None or not config.is_file():
+        return
+    try:
+        file_stage = tomllib.loads(config.read_text()).get("train", {}).get("stage")
+    except tomllib.TOMLDecodeError:
+        return  # load_config reports it
+    if file_stage is not None and file_stage != stage:
+        fail(f"--stage {stage} but {config} is a Stage-{file_stage} recipe (train.stage = {file_stage})")
+
+
+@app.command()
+def train(
+    stage: int = typer.Option(..., "--stage", help="1: latent bridging, 2: unified co-optimisation."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Training recipe TOML, e.g. pipelines/train/stage1.toml."
+    ),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (metadata.json); sets data.root."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output folder (default outputs/fantasy_world_stage<N>)."
+    ),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", envvar="STAGE1_CHECKPOINT",
+        help="Stage 2: the Stage-1 checkpoint to start from (or env STAGE1_CHECKPOINT).",
+    ),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Wan2.1 weights; sets model.wan_weights."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset; sets model.preset."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sets train.num_steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per GPU; sets train.batch_size."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Sets train.grad_accum."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Sets optim.lr."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="Any config value, e.g. --set data.num_frames=49 (repeatable)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest state."),
+    resume_step: Optional[int] = typer.Option(None, "--resume-step", help="With --resume: continue from step N."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="A few steps on one sample: shapes, memory, step time; writes nothing."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (train.log has everything)."),
+) -> None:
+    """Train Stage 1 or Stage 2 on a dataset in our contract (one GPU, or many with torchrun).
+
+    Exit codes: 0 finished, 1 aborted (too many non-finite steps), 2 bad config, data, weights or
+    checkpoint (nothing trained). See docs/TRAINING.md.
+    """
+    from fwmodel.train import TrainingAborted, load_config
+    from fwmodel.train import train as run_train
+
+    if stage not in (1, 2):
+        fail(f"--stage must be 1 or 2, got {stage}")
+    _stage_config(config, stage)
+    overrides = {
+        "train.stage": stage, "data.root": data, "train.output": output, "model.init_from": init_from,
+        "model.wan_weights": weights, "model.preset": preset, "train.num_steps": steps,
+        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "optim.lr": lr,
+    }
+    user_errors = _user_errors()
+    try:
+        cfg = load_config(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}, set_)
+        run_train(cfg, resume=resume or resume_step is not None, resume_step=resume_step, dry_run=dry_run,
+                  quiet=quiet, echo=typer.echo)
+    except TrainingAborted as err:
+        fail(str(err), code=1)
+    except user_errors as err:
+        fail(str(err))
+
+
+@app.command()
+def cache(
+    dataset: Path = typer.Argument(..., help="Dataset folder (metadata.json)."),
+    vae: Path = typer.Option(..., "--vae", help="Wan VAE: the Wan2.1 diffusers repository or its vae/ folder."),
+    text_encoder: Path = typer.Option(
+        ..., "--text-encoder", help="UMT5: the Wan2.1 diffusers repository or its text_encoder/ folder."
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Take frames, size, stride, window, split from this training recipe."
+    ),
+    frames: Optional[int] = typer.Option(None, "--frames", help="T = 4k+1 (overrides the recipe)."),
+    height: Optional[int] = typer.Option(None, "--height", help="H, multiple of 16 (overrides the recipe)."),
+    width: Optional[int] = typer.Option(None, "--width", help="W, multiple of 16 (overrides the recipe)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Frame stride (overrides the recipe)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, val, test or all (overrides the recipe)."),
+    include_gated_out: bool = typer.Option(False, "--include-gated-out", help="Also cache gated-out samples."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text for every sample without a caption."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="JSON {sample id: caption}."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="Encoder dtype: auto (bf16 on GPU), float32 or bfloat16."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Pre-compute Wan VAE latents and UMT5 text embeddings (512 tokens) once, beside the dataset.
+
+    Written to DATASET/.fwmodel_cache/<frames>x<height>x<width>-s<stride>-<window>/ with their
+    provenance; training uses them automatically and then loads neither encoder. Re-running adds
+    missing or changed samples only.
+    """
+    import torch
+
+    from fwmodel.cache import CacheOptions, build_cache
+    from fwmodel.train import load_config
+
+    sets = {"data.num_frames": frames, "data.height": height, "data.width": width, "data.frame_stride": stride,
+            "data.split": split, "data.prompt": prompt}
+    if include_gated_out:
+        sets["data.include_gated_out"] = True
+    user_errors = _user_errors()
+    try:
+        cfg = load_config(config, sets)
+        if dtype == "auto":
+            dtype = "bfloat16" if (device != "cpu" and torch.cuda.is_available()) else "float32"
+        if dtype not in ("float32", "bfloat16"):
+            fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+        opts = CacheOptions(dataset=dataset, vae=vae, text_encoder=text_encoder, data=cfg.data, captions=captions,
+                            device=device, encoder_dtype=dtype)
+
+        def progress(sample_id: str, n: int, total: int) -> None:
+            if not quiet:
+                typer.echo(f"  [{n}/{total}] {sample_id}")
+
+        directory = build_cache(opts, progress)
+    except user_errors as err:
+        fail(str(err))
+    if not quiet:
+        typer.echo(f"latent cache ready: {directory}")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("wan2.1-t2v-1.3b", "--preset", help="Model preset."),
+    stage: int = typer.Option(1, "--stage", help="1 or 2."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    frames: int = typer.Option(81, "--frames", help="T = 4k+1."),
+    height: int = typer.Option(336, "--height"),
+    width: int = typer.Option(592, "--width"),
+    steps: int = typer.Option(5, "--steps", help="Timed steps."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
+    no_checkpointing: bool = typer.Option(False, "--no-checkpointing", help="Turn gradient checkpointing off."),
+    mixed_precision: str = typer.Option("bf16", "--mixed-precision", help="bf16 or no."),
+    device: str = typer.Option("auto", "--device"),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (known GPUs built in)."),
+    no_flops: bool = typer.Option(False, "--no-flops", help="Skip the FLOP count (and MFU)."),
+    format: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Time real training steps with synthetic inputs: step time, tokens/s, TFLOP/s, MFU, peak memory."""
+    from fwmodel.bench import render, run_bench
+    from fwmodel.config import PRESET_NAMES
+
+    if preset not in PRESET_NAMES:
+        fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    if stage not in (1, 2) or mixed_precision not in ("bf16", "no") or format not in ("table", "json"):
+        fail("--stage must be 1 or 2, --mixed-precision bf16 or no, --format table or json")
+    try:
+        result = run_bench(preset, stage, batch_size, frames, height, width, steps, warmup, not no_checkpointing,
+                           mixed_precision, device, peak_tflops, not no_flops,
+                           echo=(lambda s: None) if format == "json" else typer.echo)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(result.model_dump_json(indent=2) if format == "json" else render(result))
+
+
+if __name__ == "__main__":  # pragma: no cover  (torchrun -m fwmodel.cli train ...)
+    app()

@@ -21,11 +21,13 @@ CameraHead:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fwmodel.config import VAE_TEMPORAL
 from fwmodel.layers import Block, Mlp, uv_position_embedding
@@ -177,6 +179,9 @@ class DPTHead(nn.Module):
         self.patch_size = patch_size
         self.activation = activation
         self.frames_chunk = frames_chunk
+        # Recompute each frame chunk's fusion in backward (set by FantasyWorldModel.gradient_checkpointing):
+        # the full-resolution fusion is the largest activation of the whole model.
+        self.gradient_checkpointing = False
         oc = out_channels
         self.norm = nn.LayerNorm(dim_in)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, c, 1) for c in oc)
@@ -219,8 +224,11 @@ class DPTHead(nn.Module):
             x = self.temporal_upsamplers[k](x)  # [B, oc_k, T, h_k, w_k]
             levels.append(x.transpose(1, 2).flatten(0, 1))
 
+        fuse = self._fuse
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            fuse = partial(checkpoint, self._fuse, use_reentrant=False)
         chunks = [
-            self._fuse([level[i : i + self.frames_chunk] for level in levels], (H, W))
+            fuse([level[i : i + self.frames_chunk] for level in levels], (H, W))
             for i in range(0, B * T, self.frames_chunk)
         ]
         out = torch.cat(chunks).unflatten(0, (B, T)).permute(0, 1, 3, 4, 2)  # [B, T, H, W, output_dim]

@@ -47,6 +47,17 @@ class FantasyWorldModel(nn.Module):
         self.backbone.requires_grad_(False)
         self.gradient_checkpointing = False
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute every Wan block, every IRG block and each DPT frame chunk in backward."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self._gradient_checkpointing = bool(value)
+        self.geometry.depth_head.gradient_checkpointing = bool(value)
+        self.geometry.point_head.gradient_checkpointing = bool(value)
+
     def train(self, mode: bool = True) -> "FantasyWorldModel":
         """Set train/eval mode; the frozen backbone always stays in eval mode."""
         super().train(mode)

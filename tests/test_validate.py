@@ -447,6 +447,16 @@ def test_workers_match_serial(ds):
     assert key(serial) == key(parallel) and serial.exit_code == parallel.exit_code == 1
 
 
+def test_worker_crash_is_a_finding(clean_dataset, monkeypatch):
+    from fwdata.validate import CRASH_TEST_ENV
+
+    sid = sample_ids(clean_dataset)[1]
+    monkeypatch.setenv(CRASH_TEST_ENV, sid)
+    report = run(clean_dataset, workers=1)
+    assert [(f.check, f.sample) for f in report.findings] == [("internal.worker_crashed", sid)]
+    assert report.summary.samples_checked == 3 and report.exit_code == 1
+
+
 def test_sample_subset(ds):
     sids = sample_ids(ds)
     edit_npz(ds, sids[0], "depth", _set_nan)
@@ -512,6 +522,8 @@ def test_cli_usage_errors(ds, tmp_path):
     assert res.exit_code == 2 and "sharpness" in res.output
     bad.write_text('[severity]\n"schema.nope" = "error"\n')
     assert runner.invoke(app, ["validate", str(ds), "-j", "0", "--gates", str(bad)]).exit_code == 2
+    res = runner.invoke(app, ["validate", str(ds), "-j", "0", "-f", "json", "-o", str(ds / "report.json")])
+    assert res.exit_code == 2 and not (ds / "report.json").exists()
     (ds / "metadata.json").unlink()
     res = runner.invoke(app, ["validate", str(ds), "-j", "0", "--quiet"])
     assert res.exit_code == 2 and "UNREADABLE" in res.output

@@ -1,0 +1,538 @@
+"""`fwdata build`: raw videos in, a dataset in the contract out.
+
+The pipeline is a list of small steps with one job each (`STEPS`), run for every clip:
+
+    decode -> sfm -> depth -> align -> points -> quality -> write
+
+(cameras come before depth so a clip that cannot get cameras costs no depth inference). A step
+that raises ends the clip: the failure is recorded in metadata.json with the step's name and a
+one-line reason, and the build goes on with the next clip. Each clip is written atomically with a
+completion marker (`fwdata.store`), so a rerun skips finished clips (``force`` redoes them) and a
+build killed at any moment and run again ends with the same dataset as an uninterrupted one.
+
+Clips run in this process (``workers = 1``) or in ``workers`` processes, each holding one clip at a
+time (frames at clip size only) and its own copy of the depth model; CPU threads are split
+between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fwdata import __version__, quality
+from fwdata.align import AlignError, AlignOptions, AlignResult, align_depth
+from fwdata.clips import ClipOptions, ClipPlan, VideoPlan, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
+from fwdata.contract import (
+    CameraFile,
+    ContractError,
+    DatasetMetadata,
+    FailedInput,
+    ModelInfo,
+    Provenance,
+    QualityMetrics,
+    SampleRecord,
+    sample_paths,
+)
+from fwdata.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
+from fwdata.depth import model_info as depth_model_info
+from fwdata.sfm import SfmError, SfmOptions, SfmResult, run_sfm
+from fwdata.store import MARKER_DIR, SampleData, finished_records, is_finished, point_maps, write_metadata, write_sample
+from fwdata.video import VideoError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "build"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class SplitOptions(BaseModel):
+    """How samples are assigned to splits: by a hash of the source file name, so every clip of a
+    video lands in the same split (no leakage between splits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    val: float = Field(0.0, ge=0, le=1, description="fraction of source videos in the val split")
+    test: float = Field(0.0, ge=0, le=1, description="fraction of source videos in the test split")
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitOptions":
+        if self.val + self.test > 1:
+            raise ValueError(f"val + test fractions ({self.val} + {self.test}) exceed 1")
+        return self
+
+
+class BuildConfig(BaseModel):
+    """Everything `fwdata build` does, as one validated object (a TOML preset, then CLI overrides)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", description="dataset name written to metadata.json (default: the output folder's name)")
+    workers: int = Field(1, ge=1, description="clips processed at once, each in its own process")
+    write_ply: bool = Field(True, description="write the fused, coloured .ply cloud of each clip")
+    intrinsics: Optional[tuple[float, float, float, float]] = Field(
+        None, description="known camera intrinsics fx, fy, cx, cy in *source video* pixels (all inputs)"
+    )
+    clips: ClipOptions = Field(default_factory=ClipOptions)
+    depth: DepthOptions = Field(default_factory=DepthOptions)
+    sfm: SfmOptions = Field(default_factory=SfmOptions)
+    align: AlignOptions = Field(default_factory=AlignOptions)
+    splits: SplitOptions = Field(default_factory=SplitOptions)
+
+
+class ConfigError(ValueError):
+    """A preset or option that is not valid; the message names the file/key."""
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_preset(preset: Union[str, Path, None]) -> Optional[Path]:
+    """A preset path, or a bare name looked up in pipelines/build/ (`fast` -> pipelines/build/fast.toml)."""
+    if preset is None:
+        return None
+    p = Path(preset)
+    if p.is_file():
+        return p
+    named = PRESET_DIR / f"{preset}.toml"
+    if named.is_file():
+        return named
+    raise ConfigError(f"build preset {preset}: no such file (named presets: "
+                      f"{', '.join(sorted(q.stem for q in PRESET_DIR.glob('*.toml'))) or 'none'})")
+
+
+def load_config(preset: Union[str, Path, None] = None, overrides: Optional[dict[str, Any]] = None) -> BuildConfig:
+    """BuildConfig from a TOML preset (or the built-in defaults) with nested `overrides` applied last."""
+    data: dict[str, Any] = {}
+    path = resolve_preset(preset)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = _deep_update(data, overrides or {})
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{loc}: {err['msg']}") from None
+
+
+# --------------------------------------------------------------------------- one clip
+
+
+class StepError(RuntimeError):
+    """A step failed for a reason we expected (bad data, not a bug)."""
+
+
+@dataclass
+class ClipJob:
+    """State of one clip as it moves through the steps (one worker holds one at a time)."""
+
+    plan: ClipPlan
+    config: BuildConfig
+    out: Path
+    frames: Optional[np.ndarray] = None
+    sfm: Optional[SfmResult] = None
+    depth: Optional[DepthResult] = None
+    aligned: Optional[AlignResult] = None
+    cameras: Optional[CameraFile] = None
+    points: Optional[np.ndarray] = None
+    points_valid: Optional[np.ndarray] = None
+    quality: Optional[QualityMetrics] = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def step_decode(job: ClipJob) -> None:
+    """Read the clip's source frames (streamed, in chunks) at the clip size."""
+    job.frames = load_clip(job.plan, job.config.clips.chunk_frames)
+
+
+def step_sfm(job: ClipJob) -> None:
+    """Cameras and sparse points with pycolmap (fwdata.sfm)."""
+    opts = job.config.sfm
+    if job.config.intrinsics is not None:
+        fx, fy, cx, cy = job.config.intrinsics
+        K = scale_intrinsics_to_clip(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), job.plan)
+        opts = opts.model_copy(update={"intrinsics": (K[0, 0], K[1, 1], K[0, 2], K[1, 2])})
+    job.sfm = run_sfm(job.frames, opts)
+
+
+def step_depth(job: ClipJob) -> None:
+    """Per-frame depth from the model (batched) or the imported prior (fwdata.depth)."""
+    job.depth = estimate_depth(job.frames, job.config.depth, job.plan)
+
+
+def step_align(job: ClipJob) -> None:
+    """Depth on the SfM scale (fwdata.align); metric depth makes the clip metric."""
+    job.aligned = align_depth(job.depth, job.sfm, job.config.align)
+    job.depth = None  # the raw prediction is no longer needed
+
+
+def step_points(job: ClipJob) -> None:
+    """Cameras in the contract's form and per-pixel world points (fwdata.store.point_maps)."""
+    a, p = job.aligned, job.plan
+    job.cameras = CameraFile.from_arrays(a.w2c, job.sfm.K, width=p.width, height=p.height, scale=a.scale,
+                                         source_frames=p.source_frames, timestamps=p.timestamps,
+                                         registered=[True] * p.num_frames)
+    job.points, job.points_valid = point_maps(a.depth, a.valid, job.cameras)
+
+
+def step_quality(job: ClipJob) -> None:
+    """Per-clip quality metrics (fwdata.quality), recorded in metadata.json for the gates."""
+    job.quality = measure_quality(job.frames, job.aligned, job.sfm, job.cameras)
+
+
+def step_write(job: ClipJob) -> None:
+    """Atomic write of the sample's files, then its completion marker (fwdata.store)."""
+    record = make_record(job)
+    data = SampleData(frames=job.frames, depth=job.aligned.depth, depth_valid=job.aligned.valid, cameras=job.cameras,
+                      points=job.points, points_valid=job.points_valid)
+    write_sample(job.out, record, data, write_ply=job.config.write_ply)
+
+
+#: the pipeline, in order: (stage name recorded on failure, function)
+STEPS: list[tuple[str, Callable[[ClipJob], None]]] = [
+    ("decode", step_decode),
+    ("sfm", step_sfm),
+    ("depth", step_depth),
+    ("align", step_align),
+    ("points", step_points),
+    ("quality", step_quality),
+    ("write", step_write),
+]
+
+_EXPECTED = (VideoError, SfmError, DepthError, AlignError, ContractError, StepError)
+
+
+def measure_quality(frames: np.ndarray, aligned: AlignResult, sfm: SfmResult, cameras: CameraFile) -> QualityMetrics:
+    K, w2c = cameras.intrinsics_array(), cameras.w2c_array()
+    T, H, W = frames.shape[:3]
+    fov_h, fov_w = quality.field_of_view_deg(K, H, W)
+    path, rot = quality.camera_motion(w2c)
+    mv = quality.multiview_consistency(aligned.depth, aligned.valid, K, w2c)
+    per_frame = aligned.absrel_per_frame
+    return QualityMetrics(
+        registered_ratio=quality.registered_ratio([f.registered for f in cameras.frames]),
+        reprojection_error_px=float(sfm.reprojection_error),
+        num_points3d=int(len(sfm.points)),
+        depth_sfm_absrel=_finite_or_none(aligned.absrel),
+        depth_sfm_absrel_max_frame=_finite_or_none(float(np.nanmax(per_frame)) if np.isfinite(per_frame).any() else None),
+        multiview_consistency=mv,
+        fov_h_deg=fov_h,
+        fov_w_deg=fov_w,
+        path_length=path,
+        rotation_deg=rot,
+        blur=quality.blur_score(frames),
+        brightness=quality.brightness(frames),
+        valid_depth_fraction=float(aligned.valid.mean()),
+    )
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def split_for(source: str, splits: SplitOptions) -> str:
+    """Deterministic split of a source video (by its file name), so all its clips share a split."""
+    h = int(hashlib.sha1(Path(source).name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if h < splits.test:
+        return "test"
+    if h < splits.test + splits.val:
+        return "val"
+    return "train"
+
+
+def depth_source_label(config: BuildConfig, depth_kind: str) -> str:
+    d = config.depth
+    if d.prior_dir is not None:
+        return f"prior ({depth_kind}) from {d.prior_dir}"
+    if d.model == "random-tiny":
+        return "random-tiny (randomly initialised Depth Anything; not real depth)"
+    return f"depth-anything ({depth_kind}): {d.model}"
+
+
+def make_record(job: ClipJob) -> SampleRecord:
+    p, a = job.plan, job.aligned
+    kind = "metric" if a.scale == "metric" else "relative"
+    return SampleRecord(
+        id=p.sample_id,
+        paths=sample_paths(p.sample_id),
+        num_frames=p.num_frames,
+        height=p.height,
+        width=p.width,
+        fps=p.clip_fps,
+        scale=a.scale,
+        scale_source=a.scale_source,
+        depth_source=depth_source_label(job.config, kind),
+        source=p.source_ref(),
+        split=split_for(p.source, job.config.splits),
+        quality=job.quality,
+        notes=list(job.sfm.notes) + list(a.notes),
+    )
+
+
+@dataclass
+class ClipOutcome:
+    """What happened to one clip (sent back from a worker)."""
+
+    sample_id: str
+    source: str
+    clip_start: int
+    ok: bool
+    stage: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def process_clip(plan: ClipPlan, config: BuildConfig, out: Union[str, Path]) -> ClipOutcome:
+    """Run every step on one clip. Never raises: a failing step gives a failed outcome with its stage."""
+    job = ClipJob(plan=plan, config=config, out=Path(out))
+    t_start = time.perf_counter()
+    for stage, fn in STEPS:
+        t0 = time.perf_counter()
+        try:
+            fn(job)
+        except _EXPECTED as e:
+            return _failed(plan, stage, _one_line(str(e)), t_start, job.timings)
+        except MemoryError:
+            return _failed(plan, stage, "out of memory; use fewer --workers or smaller clips", t_start, job.timings)
+        except Exception as e:  # a bug or an unforeseen library error: record it, keep building
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+            return _failed(plan, stage, f"unexpected {type(e).__name__}: {_one_line(str(e))}{where}", t_start,
+                           job.timings)
+        job.timings[stage] = time.perf_counter() - t0
+    return ClipOutcome(plan.sample_id, plan.source, plan.start_frame, True, seconds=time.perf_counter() - t_start,
+                       timings=job.timings)
+
+
+def _failed(plan: ClipPlan, stage: str, reason: str, t_start: float, timings: dict) -> ClipOutcome:
+    return ClipOutcome(plan.sample_id, plan.source, plan.start_frame, False, stage=stage, reason=reason,
+                       seconds=time.perf_counter() - t_start, timings=dict(timings))
+
+
+def _one_line(s: str) -> str:
+    s = " ".join(s.strip().split())
+    return s[:500] if s else "no message"
+
+
+# --------------------------------------------------------------------------- the build
+
+
+class BuildProgress(Protocol):
+    """What the build reports while it runs (the CLI draws a progress bar from it)."""
+
+    def start(self, total: int, skipped: int) -> None: ...
+
+    def clip_done(self, outcome: ClipOutcome) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    num_videos: int
+    num_clips: int
+    built: int
+    skipped: int
+    failures: list[FailedInput]
+    metadata: DatasetMetadata
+    seconds: float
+    clip_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+def _worker_init(threads: int) -> None:
+    """Runs once in each worker process: share the CPU fairly between workers."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def plan_inputs(inputs: Sequence[Union[str, Path]], clips: ClipOptions) -> tuple[list[VideoPlan], list[str]]:
+    """Plans of every input video (probing each), and the input paths that do not exist."""
+    files, missing = find_videos(inputs)
+    return [plan_video(f, clips) for f in files], missing
+
+
+def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], config: BuildConfig,
+                  force: bool = False, progress: Optional[BuildProgress] = None,
+                  command: str = "") -> BuildSummary:
+    """Build (or continue building) the dataset at `out` from video files and folders.
+
+    Raises ConfigError / DepthModelError for problems that stop the build before it starts (no
+    inputs, unloadable depth model). Everything that goes wrong with one input or clip is recorded
+    in the summary's failures and in metadata.json.
+    """
+    t0 = time.time()
+    out = Path(out)
+    check_model_available(config.depth)
+    plans, missing = plan_inputs(inputs, config.clips)
+    if missing:
+        raise ConfigError(f"input not found: {', '.join(missing)}")
+    if not plans:
+        raise ConfigError(f"no video files found in {', '.join(map(str, inputs))}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    failures: list[FailedInput] = [FailedInput(source=p.source, reason=p.error, stage=p.stage)
+                                   for p in plans if p.error]
+    clips = [c for p in plans for c in p.clips]
+    ids = [c.sample_id for c in clips]
+    todo = [c for c in clips if force or not is_finished(out, c.sample_id)]
+    skipped = len(clips) - len(todo)
+    if progress:
+        progress.start(len(clips), skipped)
+
+    outcomes: list[ClipOutcome] = []
+    config = _with_threads(config)
+    if config.workers == 1 or len(todo) <= 1:
+        for plan in todo:
+            o = process_clip(plan, config, out)
+            _after_clip(out, o, force)
+            outcomes.append(o)
+            if progress:
+                progress.clip_done(o)
+    else:
+        outcomes = _run_pool(todo, config, out, force, progress)
+
+    by_id = {o.sample_id: o for o in outcomes}
+    for plan in clips:  # failures in input order, whatever order the workers finished in
+        o = by_id.get(plan.sample_id)
+        if o is not None and not o.ok:
+            failures.append(FailedInput(source=plan.source, reason=o.reason, stage=o.stage,
+                                        clip_start=plan.start_frame))
+    meta = assemble_metadata(out, config, failures, command)
+    if progress:
+        progress.finish()
+    return BuildSummary(out=out, num_videos=len(plans), num_clips=len(clips), built=sum(o.ok for o in outcomes),
+                        skipped=skipped, failures=failures, metadata=meta, seconds=time.time() - t0,
+                        clip_seconds=[o.seconds for o in outcomes if o.ok])
+
+
+def _with_threads(config: BuildConfig) -> BuildConfig:
+    """SfM threads: the user's choice, or (0 = auto) the cores divided between the workers."""
+    if config.sfm.num_threads != 0:
+        return config
+    sfm = config.sfm.model_copy(update={"num_threads": _threads_per_worker(config.workers)})
+    return config.model_copy(update={"sfm": sfm})
+
+
+def _run_pool(todo: list[ClipPlan], config: BuildConfig, out: Path, force: bool,
+              progress: Optional[BuildProgress]) -> list[ClipOutcome]:
+    import multiprocessing as mp
+
+    threads = _threads_per_worker(config.workers)
+    outcomes = []
+    ctx = mp.get_context("spawn")  # no fork: torch and COLMAP threads do not survive fork
+    with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(process_clip, plan, config, out): plan for plan in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                plan = pending.pop(fut)
+                try:
+                    o = fut.result()
+                except Exception as e:  # the worker died (killed, out of memory)
+                    o = ClipOutcome(plan.sample_id, plan.source, plan.start_frame, False, stage="worker",
+                                    reason=f"worker process died ({type(e).__name__}); try fewer --workers")
+                _after_clip(out, o, force)
+                outcomes.append(o)
+                if progress:
+                    progress.clip_done(o)
+    return outcomes
+
+
+def _after_clip(out: Path, outcome: ClipOutcome, force: bool) -> None:
+    """A forced redo that failed must not leave the old sample behind as if it were current."""
+    if force and not outcome.ok:
+        remove_sample(out, outcome.sample_id)
+
+
+def remove_sample(out: Path, sample_id: str) -> None:
+    marker = out / MARKER_DIR / f"{sample_id}.json"
+    if marker.exists():
+        marker.unlink()
+    for rel in sample_paths(sample_id).all():
+        p = out / rel
+        if p.exists():
+            p.unlink()
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("numpy", "torch", "transformers", "pycolmap", "open3d", "decord", "av", "pydantic"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def assemble_metadata(out: Path, config: BuildConfig, failures: list[FailedInput], command: str) -> DatasetMetadata:
+    """metadata.json from the completion markers (every finished sample in `out`) and this run's failures."""
+    import pycolmap
+
+    records = finished_records(out)
+    models = [depth_model_info(config.depth),
+              ModelInfo(role="cameras", name=f"pycolmap {config.sfm.mapper} mapping", revision=pycolmap.__version__)]
+    meta = DatasetMetadata(
+        name=config.name or out.resolve().name,
+        provenance=Provenance(
+            tool_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command=command,
+            options=config.model_dump(mode="json"),
+            models=models,
+            packages=package_versions(),
+        ),
+        samples=records,
+        failures=failures,
+    )
+    return write_metadata(out, meta)

@@ -1,0 +1,236 @@
+"""`fwmodel bench`: time real training steps with synthetic inputs of the configured size.
+
+One step is what the trainer does: forward (Stage 1: geometry only; Stage 2: video + geometry with
+Plucker conditioning), the real losses, backward, AdamW. The backbone has random weights (no
+download needed; the speed of a frozen block does not depend on its values).
+
+Reported:
+    step time       median of the timed steps (after warm-up), seconds
+    tokens/s        video tokens (latent frames x H/16 x W/16 per sample) processed per second
+    TFLOP/s         model FLOPs per step / step time. Model FLOPs are counted exactly with
+                    torch's FlopCounterMode on the meta device (no memory), forward + backward,
+                    *without* the recomputation of gradient checkpointing (the MFU convention)
+    MFU             TFLOP/s / the device's dense bf16 peak (known GPUs, or --peak-tflops)
+    peak memory     torch.cuda.max_memory_allocated (CPU: peak resident set size), and the
+                    preflight estimate for the same configuration
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Optional
+
+import torch
+from pydantic import BaseModel
+
+from fwmodel.config import get_preset
+from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
+from fwmodel.memory import GIB, estimate_memory
+
+# Dense bf16 peak TFLOP/s (no sparsity). Checked in this order (H200 before H20).
+PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("4090", 165.0),
+    ("B200", 2250.0),
+]
+
+
+class BenchResult(BaseModel):
+    preset: str
+    stage: int
+    device: str
+    batch_size: int
+    num_frames: int
+    height: int
+    width: int
+    gradient_checkpointing: bool
+    mixed_precision: str
+    video_tokens_per_sample: int
+    steps: int
+    step_time_s: float
+    step_times_s: list[float]
+    tokens_per_s: float
+    samples_per_s: float
+    model_tflop_per_step: Optional[float]
+    achieved_tflops: Optional[float]
+    peak_tflops: Optional[float]
+    mfu: Optional[float]
+    peak_memory_gib: float
+    estimated_memory_gib: float
+
+
+def device_peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def synthetic_batch(config, stage: int, batch: int, frames: int, height: int, width: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    S = (frames - 1) // 4 + 1
+    eye = torch.eye(4).expand(batch, frames, 4, 4).clone()
+    K = torch.tensor([[width / 2, 0, width / 2], [0, width / 2, height / 2], [0, 0, 1.0]]).expand(batch, frames, 3, 3)
+    data = {
+        "latents": torch.randn(batch, 16, S, height // 8, width // 8, generator=g),
+        "text": torch.randn(batch, 512, config.wan.text_dim, generator=g),
+        "depth": torch.rand(batch, frames, height, width, generator=g) + 0.5,
+        "depth_valid": torch.ones(batch, frames, height, width, dtype=torch.bool),
+        "points": torch.randn(batch, frames, height, width, 3, generator=g),
+        "points_valid": torch.ones(batch, frames, height, width, dtype=torch.bool),
+        "pose_enc": torch.randn(batch, frames, 9, generator=g) * 0.1,
+        "w2c": eye,
+        "K": K.clone(),
+    }
+    if stage == 2:
+        data["plucker"] = torch.randn(batch, frames, height, width, 6, generator=g)
+    return {k: v.to(device) for k, v in data.items()}
+
+
+def count_model_flops(config, stage: int, batch: int, frames: int, height: int, width: int,
+                      device: str = "meta") -> float:
+    """Forward + backward FLOPs of one step (no recompute).
+
+    On the meta device by default (shapes only: no memory, works for 14B; a few seconds of Python
+    per thousand ops). `device="cpu"` runs the step for real, which is quicker for tiny models.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fwmodel.model import FantasyWorldModel
+    from fwmodel.stages import set_trainable
+
+    with torch.device(device):
+        model = FantasyWorldModel(config)
+    set_trainable(model, stage)
+    model.train()
+    S = (frames - 1) // 4 + 1
+    with torch.device(device):
+        latents = torch.randn(batch, 16, S, height // 8, width // 8)
+        text = torch.randn(batch, 512, config.wan.text_dim)
+        plucker = torch.randn(batch, frames, height, width, 6) if stage == 2 else None
+        timestep = torch.full((batch,), 500.0)
+    with FlopCounterMode(display=False) as counter:
+        out = model(latents, timestep, text, plucker=plucker, video=stage == 2)
+        loss = sum(out[k].float().sum() for k in ("depth", "points", "depth_conf", "points_conf"))
+        loss = loss + sum(p.sum() for p in out["pose_enc_list"])
+        if out["video"] is not None:
+            loss = loss + out["video"].float().sum()
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def run_bench(
+    preset: str,
+    stage: int,
+    batch_size: int = 1,
+    num_frames: int = 81,
+    height: int = 336,
+    width: int = 592,
+    steps: int = 5,
+    warmup: int = 2,
+    gradient_checkpointing: bool = True,
+    mixed_precision: str = "bf16",
+    device: str = "auto",
+    peak_tflops: Optional[float] = None,
+    count_flops: bool = True,
+    flops_device: str = "meta",
+    echo=print,
+) -> BenchResult:
+    from fwmodel.model import FantasyWorldModel
+    from fwmodel.stages import set_trainable, trainable_parameters
+
+    if (num_frames - 1) % 4 or height % 16 or width % 16:
+        raise ValueError("frames must be 4k+1 and height/width multiples of 16")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    config = get_preset(preset)
+    bf16 = mixed_precision == "bf16"
+    est = estimate_memory(config, stage, batch_size, num_frames, height, width, gradient_checkpointing,
+                          2 if bf16 else 4, 2 if bf16 else 4)
+    flops = count_model_flops(config, stage, batch_size, num_frames, height, width, flops_device) if count_flops else None
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = FantasyWorldModel(config)
+    if bf16:
+        model.backbone.to(torch.bfloat16)
+    set_trainable(model, stage)
+    model.gradient_checkpointing = gradient_checkpointing
+    model.train()
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-5, fused=dev.type == "cuda")
+    batch = synthetic_batch(config, stage, batch_size, num_frames, height, width, dev)
+    backbone_dtype = next(model.backbone.parameters()).dtype
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    loss_cfg, diff_cfg = LossConfig(), DiffusionConfig()
+
+    def one_step(i: int) -> None:
+        noised = add_noise(batch["latents"], diff_cfg, [i * 1000 + b for b in range(batch_size)])
+        with autocast:
+            out = model(noised.noisy.to(backbone_dtype), noised.timestep, batch["text"].to(backbone_dtype),
+                        plucker=batch.get("plucker"), video=stage == 2)
+            losses = compute_losses(out, batch, stage, loss_cfg, noised)
+        losses.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for i in range(warmup):
+        one_step(i)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        one_step(warmup + i)
+        sync()
+        times.append(time.perf_counter() - t0)
+        echo(f"  step {i + 1}/{steps}: {times[-1]:.3f} s")
+    if dev.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(dev) / GIB
+    else:
+        import resource
+
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    step_time = statistics.median(times)
+    S = (num_frames - 1) // 4 + 1
+    tokens = S * (height // 16) * (width // 16)
+    peak = peak_tflops or device_peak_tflops(dev)
+    achieved = flops / step_time / 1e12 if flops is not None else None
+    return BenchResult(
+        preset=preset, stage=stage,
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        batch_size=batch_size, num_frames=num_frames, height=height, width=width,
+        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+        video_tokens_per_sample=tokens, steps=steps, step_time_s=step_time, step_times_s=times,
+        tokens_per_s=tokens * batch_size / step_time, samples_per_s=batch_size / step_time,
+        model_tflop_per_step=flops / 1e12 if flops is not None else None,
+        achieved_tflops=achieved, peak_tflops=peak,
+        mfu=achieved / peak if (achieved is not None and peak) else None,
+        peak_memory_gib=peak_mem, estimated_memory_gib=est.total / GIB,
+    )
+
+
+def render(result: BenchResult) -> str:
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    return "\n".join([
+        f"bench: preset {result.preset}, Stage {result.stage}, {result.device}, batch {result.batch_size}, "
+        f"{result.num_frames}x{result.height}x{result.width} ({result.video_tokens_per_sample} video tokens/sample), "
+        f"checkpointing {'on' if result.gradient_checkpointing else 'off'}, {result.mixed_precision}",
+        f"  step time        {result.step_time_s:.3f} s (median of {result.steps})",
+        f"  tokens/s         {result.tokens_per_s:,.0f}",
+        f"  samples/s        {result.samples_per_s:.3f}",
+        f"  model TFLOP/step {f(result.model_tflop_per_step, '.2f')}",
+        f"  achieved TFLOP/s {f(result.achieved_tflops, '.1f')}",
+        f"  MFU              {f(None if result.mfu is None else 100 * result.mfu, '.1f')}%"
+        + (f" (peak {result.peak_tflops:.0f} TFLOP/s bf16)" if result.peak_tflops else " (unknown device peak: --peak-tflops)"),
+        f"  peak memory      {result.peak_memory_gib:.2f} GiB (preflight estimate {result.estimated_memory_gib:.2f} GiB)",
+    ])

@@ -1,0 +1,929 @@
+"""The two-stage FantasyWorld trainer: one readable loop for one GPU, many GPUs and many nodes.
+
+    fwmodel train --stage 1 --config pipelines/train/stage1.toml --data DATASET
+    fwmodel train --stage 2 --config pipelines/train/stage2.toml --data DATASET \\
+        --init-from outputs/fantasy_world_stage1/step-20000.safetensors
+    torchrun --nproc_per_node 8 -m fwmodel.cli train ...          (data parallel, see pipelines/train)
+
+What one run does, in order:
+
+    1. config       TrainConfig from TOML + CLI overrides (pydantic: every mistake named)
+    2. distributed  torchrun / accelerate environment -> process group (NCCL on GPUs, gloo on CPU)
+    3. data         dataset selection, latent cache lookup, resumable sampler (fails before any weight)
+    4. preflight    estimated memory per GPU; refuses a configuration that cannot fit
+    5. model        frozen Wan backbone (weights, bf16) + geometry/interaction (fp32 master weights);
+                    Stage 2 loads the Stage-1 file and says what it loaded
+    6. optimizer    AdamW over the stage's trainable parameters only; warmup + constant/cosine LR
+    7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N
+    8. loop         grad accumulation, bf16 autocast, DDP over the trainable part only (the frozen
+                    backbone is outside DDP: no gradient sync, no broadcast, no optimizer state),
+                    non-finite steps skipped and counted, logs, checkpoints
+
+Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
+
+    config.toml                 the resolved configuration
+    train.log                   everything printed, plus details
+    metrics.jsonl               one JSON object per logged step (the TensorBoard scalars)
+    tb/                         TensorBoard events
+    step-N.safetensors (+.json) trainable weights + sidecar every checkpoint_every steps
+    state/step-N/               optimizer, scheduler, RNG per rank, data position (for --resume)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+import tomllib
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fwdata import __version__
+from fwmodel.checkpoint import load_trainable, read_checkpoint_header, save_trainable
+from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
+from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
+from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
+from fwmodel.memory import GIB, check_fits, device_capacity, estimate_memory
+from fwmodel.stages import TRAINED_PARTS, set_trainable, trainable_module_names
+
+STATE_FORMAT = "fwmodel-train-state"
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the field."""
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says what to check."""
+
+
+class ResumeError(ValueError):
+    """`--resume` cannot continue this run; the message says why."""
+
+
+# =========================================================================== configuration
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainSection(_Section):
+    stage: Literal[1, 2] = 1
+    num_steps: int = Field(20000, ge=1)
+    batch_size: int = Field(1, ge=1, description="samples per GPU per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    seed: int = 0
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    output: Optional[Path] = Field(None, description="default outputs/fantasy_world_stage<N>")
+    keep_states: int = Field(2, ge=1, description="resumable states kept (weights files are all kept)")
+    max_nonfinite_steps: int = Field(20, ge=0, description="abort after more skipped non-finite steps than this")
+    dry_run_steps: int = Field(3, ge=1)
+
+
+class ModelSection(_Section):
+    preset: str = "wan2.1-t2v-1.3b"
+    wan_weights: Optional[str] = Field(
+        None, description='diffusers Wan2.1 directory or .safetensors file; "random" only for tests/demos'
+    )
+    vae: Optional[Path] = Field(None, description="Wan VAE (repository root or vae/) for online encoding (no cache)")
+    text_encoder: Optional[Path] = Field(None, description="UMT5 (repository root or text_encoder/) for online encoding")
+    init_from: Optional[Path] = Field(None, description="Stage-1 checkpoint that Stage 2 starts from")
+    gradient_checkpointing: bool = True
+    backbone_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    device: str = Field("auto", description="auto (cuda:LOCAL_RANK when available), cpu or cuda")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSection":
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of: {', '.join(PRESET_NAMES)}")
+        return self
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 = off")
+
+
+class MemorySection(_Section):
+    check: bool = Field(True, description="refuse configurations estimated not to fit")
+    limit_gb: Optional[float] = Field(None, gt=0, description="memory per device to plan for (default: the GPU's)")
+
+
+class TrainConfig(_Section):
+    train: TrainSection = TrainSection()
+    model: ModelSection = ModelSection()
+    data: DataConfig = DataConfig()
+    optim: OptimSection = OptimSection()
+    loss: LossConfig = LossConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    memory: MemorySection = MemorySection()
+
+    def output_dir(self) -> Path:
+        return Path(self.train.output or Path("outputs") / f"fantasy_world_stage{self.train.stage}")
+
+
+# Fields that may change between a run and its resumption (paths, cadence, length, workers).
+_RESUMABLE_CHANGES = {
+    # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
+    "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
+              "dry_run_steps", "batch_size"},
+    "model": {"wan_weights", "vae", "text_encoder", "init_from", "device"},
+    "data": {"root", "num_workers", "cache_dir", "cache"},
+    "memory": None,  # the whole section
+}
+
+
+def hashed_config(cfg: TrainConfig) -> dict:
+    """The part of the config that defines the training trajectory (what resuming must not change)."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        skip = _RESUMABLE_CHANGES.get(section, set())
+        if skip is None:
+            continue
+        out[section] = {k: v for k, v in values.items() if k not in skip}
+    return out
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
+                sets: Optional[list[str]] = None) -> TrainConfig:
+    """TOML file (optional) + `--set section.key=value` strings + explicit overrides {"section.key": value}."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (the recipes are in pipelines/train/)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    items: list[tuple[str, Any]] = []
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected section.key=value, e.g. --set optim.lr=2e-5")
+        key, value = s.split("=", 1)
+        items.append((key.strip(), _parse_value(value.strip())))
+    items += [(k, v) for k, v in (overrides or {}).items() if v is not None]
+    for key, value in items:
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {key!r}: expected section.key, e.g. optim.lr")
+        raw.setdefault(parts[0], {})[parts[1]] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"config {path or ''} {where}: {first['msg']}{more}".replace("  ", " ")) from None
+
+
+def config_toml(cfg: TrainConfig) -> str:
+    import tomli_w
+
+    def clean(d):
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in d.items() if v is not None}
+        if isinstance(d, (list, tuple)):
+            return [clean(v) for v in d]
+        return d
+
+    return tomli_w.dumps(clean(cfg.model_dump(mode="json")))
+
+
+# =========================================================================== distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
+    """Read the torchrun / accelerate environment (RANK, WORLD_SIZE, LOCAL_RANK) and set up the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref not in ("auto", "cpu", "cuda") and not device_pref.startswith("cuda:"):
+        raise ConfigError(f"model.device {device_pref!r}: use auto, cpu, cuda or cuda:N")
+    if device_pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("model.device asks for CUDA but no GPU is visible (check CUDA_VISIBLE_DEVICES, `fwmodel doctor`)")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+# =========================================================================== logging
+
+
+class RunLogger:
+    """train.log + console on rank 0; metrics.jsonl and TensorBoard for the scalars.
+
+    Messages before `open(output)` (config, data, preflight: before anything is written) are kept
+    and written to train.log when the output folder is opened.
+    """
+
+    def __init__(self, dist_: Dist, quiet: bool, echo: Callable[[str], None]):
+        self.dist, self.quiet, self.echo = dist_, quiet, echo
+        self.file = None
+        self.tb = None
+        self.metrics = None
+        self.pending: list[str] = []
+
+    def open(self, output: Path, resume_step: Optional[int] = None) -> None:
+        if not self.dist.is_main:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        self.file = open(output / "train.log", "a", buffering=1)
+        for line in self.pending:
+            self.file.write(line + "\n")
+        self.pending = []
+        metrics_path = output / "metrics.jsonl"
+        if resume_step is not None and metrics_path.is_file():  # drop what a killed run logged after its state
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+        self.metrics = open(metrics_path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        except Exception as err:  # tensorboard missing or broken: keep training, say so
+            self.info(f"TensorBoard disabled ({err})")
+
+    def info(self, message: str, console: bool = True) -> None:
+        if not self.dist.is_main:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = [f"{stamp} {line}" for line in (message.splitlines() or [""])]
+        if self.file:
+            for line in lines:
+                self.file.write(line + "\n")
+        else:
+            self.pending += lines
+        if console and not self.quiet:
+            self.echo(message)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        if self.metrics:
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        for handle in (self.file, self.metrics):
+            if handle:
+                handle.close()
+        if self.tb:
+            self.tb.close()
+
+
+# =========================================================================== model and optimizer
+
+
+def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger):
+    """The model for `cfg.train.stage` on `device`: frozen backbone, trainable parts in fp32."""
+    from fwmodel.backbone import load_wan_transformer
+    from fwmodel.model import FantasyWorldModel
+
+    config = get_preset(cfg.model.preset)
+    backbone_dtype = torch.bfloat16 if cfg.model.backbone_dtype == "bfloat16" else torch.float32
+    torch.manual_seed(cfg.train.seed)  # same random init on every rank
+    weights = cfg.model.wan_weights
+    if weights is None or weights == "random":
+        if weights is None and config.name != "tiny":
+            raise ConfigError(
+                f"model.wan_weights is not set: point it at the Wan2.1 weights for preset {config.name} "
+                f"(e.g. `huggingface-cli download {config.hub_id} --local-dir weights/wan` then "
+                "--set model.wan_weights=weights/wan)"
+            )
+        with torch.device(device):
+            model = FantasyWorldModel(config)
+        log.info(f"Wan backbone: RANDOM weights (preset {config.name}; for tests and demos only)")
+    else:
+        wan = load_wan_transformer(weights, config.wan, config.hub_id, backbone_dtype)
+        with torch.device(device):
+            model = FantasyWorldModel(config, wan)
+        log.info(f"Wan backbone: {weights} (preset {config.name})")
+    model.backbone.to(device=device, dtype=backbone_dtype)
+    model.geometry.to(device=device, dtype=torch.float32)
+    model.interaction.to(device=device, dtype=torch.float32)
+    set_trainable(model, cfg.train.stage)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.train()
+    return model
+
+
+def load_stage1(model, path: Path, stage: int, log: RunLogger) -> None:
+    """Initialise from a Stage-1 file (or a Stage-2 one) and print exactly what was loaded."""
+    header = read_checkpoint_header(path)
+    file_stage = header.get("stage")
+    load_stage = 2 if (stage == 2 and file_stage == 2) else 1
+    info = load_trainable(model, path, load_stage)
+    loaded = [n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINED_PARTS[load_stage]]
+    n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(loaded))
+    modules = sorted({".".join(n.split(".")[:2]) for n in loaded})
+    fresh = sorted({".".join(n.split(".")[:2]) for n in info.missing})
+    label = "Stage 1" if file_stage == 1 else f"Stage {file_stage}"
+    log.info(
+        f"{label} checkpoint loaded successfully: {path} (preset {info.preset}, stage {file_stage}, step {info.step}); "
+        f"{len(loaded)} tensors, {n_params:,} parameters: {', '.join(modules)}"
+    )
+    if fresh:
+        log.info(f"Stage-2 modules starting from their zero-gated initialisation: {', '.join(fresh)} "
+                 f"({len(info.missing)} tensors, exactly the expected missing set)")
+
+
+def lr_factor(step: int, cfg: OptimSection, num_steps: int) -> float:
+    """LR multiplier after `step` optimizer steps: linear warmup, then constant / cosine / linear decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.num_steps))
+    return names, optimizer, scheduler
+
+
+def module_groups(model, stage: int) -> dict[str, list[torch.nn.Parameter]]:
+    """Trainable parameters per report module (geometry.aggregator, interaction.bicross, ...)."""
+    groups: dict[str, list] = {m: [] for m in trainable_module_names(model, stage)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = ".".join(name.split(".")[:2])
+            groups.setdefault(key, []).append(p)
+    return {k: v for k, v in groups.items() if v}
+
+
+def grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    per_module = {}
+    for name, params in groups.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        per_module[name] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros((), device=params[0].device)
+    total = torch.linalg.vector_norm(torch.stack(list(per_module.values())))
+    return total, per_module
+
+
+# =========================================================================== state (resume)
+
+
+def _state_root(output: Path) -> Path:
+    return output / "state"
+
+
+def list_states(output: Path) -> list[int]:
+    root = _state_root(output)
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("step-") and (d / "trainer.json").is_file():
+            try:
+                steps.append(int(d.name[5:]))
+            except ValueError:
+                pass
+    return sorted(steps)
+
+
+def _optimizer_tensors(optimizer, names: list[str]) -> tuple[dict, list]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{names[index]}::{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
+                else torch.tensor(value)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _load_optimizer(optimizer, names: list[str], tensors: dict, groups: list) -> None:
+    index = {n: i for i, n in enumerate(names)}
+    saved_names = {g for group in groups for g in group["params"]}
+    if saved_names != set(names):
+        raise ResumeError("the saved optimizer state is for a different set of trainable parameters")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        name, field_ = key.split("::")
+        state.setdefault(index[name], {})[field_] = value
+    param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+                    for g in groups]
+    for g in param_groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _rng_state(device: torch.device) -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": json.loads(json.dumps(random.getstate()))}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if device.type == "cuda" and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done (skipped ones included)
+    skipped: int = 0  # non-finite steps skipped
+    consecutive_skipped: int = 0
+
+
+def save_state(output: Path, model, optimizer, scheduler, names, state: TrainState, cfg: TrainConfig,
+               data_fp: str, d: Dist, log: RunLogger) -> Path:
+    """step-N.safetensors (+ sidecar) and state/step-N/; written under temporary names, then renamed."""
+    step = state.step
+    weights = output / f"step-{step}.safetensors"
+    final = _state_root(output) / f"step-{step}"
+    tmp = _state_root(output) / f".step-{step}.tmp"
+    if d.is_main:
+        extra = {"config_hash": config_hash(cfg), "data_fingerprint": data_fp, "tool_version": __version__,
+                 "train": cfg.model_dump(mode="json")}
+        save_trainable(model, weights, cfg.train.stage, step, extra=extra)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors, groups = _optimizer_tensors(optimizer, names)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        trainer = {
+            "format": STATE_FORMAT,
+            "step": step,
+            "stage": cfg.train.stage,
+            "preset": cfg.model.preset,
+            "weights": weights.name,
+            "config_hash": config_hash(cfg),
+            "config": hashed_config(cfg),
+            "data_fingerprint": data_fp,
+            "micro_batches": step * cfg.train.grad_accum,
+            "global_micro_batch": cfg.train.batch_size * d.world_size,
+            "world_size": d.world_size,
+            "skipped": state.skipped,
+            "consecutive_skipped": state.consecutive_skipped,
+            "scheduler": scheduler.state_dict(),
+            "param_groups": groups,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2, default=float))
+    d.barrier()
+    rng_tensors, rng_meta = _rng_state(d.device)
+    save_file(rng_tensors, str(tmp / f"rng-rank{d.rank}.safetensors"))
+    (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng_meta))
+    d.barrier()
+    if d.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_states(output)[: -cfg.train.keep_states]:
+            shutil.rmtree(_state_root(output) / f"step-{old}", ignore_errors=True)
+        log.info(f"checkpoint: {weights} and {final}")
+    d.barrier()
+    return weights
+
+
+def load_state(output: Path, step: Optional[int], model, optimizer, scheduler, names, cfg: TrainConfig,
+               data_fp: str, d: Dist, log: RunLogger) -> TrainState:
+    steps = list_states(output)
+    if not steps:
+        raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
+                          f"train.checkpoint_every steps); start without --resume")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ResumeError(f"no resumable state for step {step} in {output}; available: {', '.join(map(str, steps))}")
+    directory = _state_root(output) / f"step-{step}"
+    trainer = json.loads((directory / "trainer.json").read_text())
+    if trainer.get("stage") != cfg.train.stage:
+        raise ResumeError(f"{directory} is a Stage-{trainer.get('stage')} run; resume it with --stage {trainer.get('stage')}")
+    if trainer["config_hash"] != config_hash(cfg):
+        now, then = hashed_config(cfg), trainer["config"]
+        diffs = [f"{s}.{k}: {then.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
+                 if then.get(s, {}).get(k) != v]
+        raise ResumeError(f"the config differs from the run being resumed ({'; '.join(diffs[:5])}); "
+                          "resume with the same settings, or start a new run in another --output")
+    if trainer["data_fingerprint"] != data_fp:
+        raise ResumeError(f"the training samples differ from the run being resumed (data fingerprint "
+                          f"{trainer['data_fingerprint']} -> {data_fp}): the dataset, split or selection changed")
+    if trainer["global_micro_batch"] != cfg.train.batch_size * d.world_size:
+        raise ResumeError(f"the run used {trainer['global_micro_batch']} samples per micro-step "
+                          f"(batch_size x GPUs); now {cfg.train.batch_size} x {d.world_size}: keep it equal to resume")
+    info = load_trainable(model, output / trainer["weights"], cfg.train.stage)
+    with safe_open(str(directory / "optimizer.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _load_optimizer(optimizer, names, {k: v.to(d.device) for k, v in tensors.items()}, trainer["param_groups"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = directory / f"rng-rank{d.rank}.safetensors"
+    if trainer["world_size"] == d.world_size and rng_file.is_file():
+        with safe_open(str(rng_file), framework="pt") as f:
+            rng = {k: f.get_tensor(k) for k in f.keys()}
+        _set_rng_state(rng, json.loads((directory / f"rng-rank{d.rank}.json").read_text()), d.device)
+    else:
+        log.info("note: different number of processes than the saved run; RNG states re-seeded")
+    log.info(f"resumed from {directory} (step {step}, weights {info.path.name}, "
+             f"{trainer['skipped']} skipped steps so far)")
+    return TrainState(step=step, skipped=trainer["skipped"], consecutive_skipped=trainer["consecutive_skipped"])
+
+
+# =========================================================================== the run
+
+
+@dataclass
+class TrainResult:
+    output: Optional[Path]
+    step: int
+    checkpoints: list[Path] = field(default_factory=list)
+    last_metrics: dict = field(default_factory=dict)
+    skipped: int = 0
+    history: list[dict] = field(default_factory=list)  # every logged metrics row
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
+
+
+def prepare_data(cfg: TrainConfig, model_config: ModelConfig, d: Dist, start_micro: int = 0):
+    """Dataset (with its cache when present), sampler and loader. Fails before any weight is loaded."""
+    from fwmodel.cache import CacheError, LatentCache
+
+    if cfg.data.root is None:
+        raise DataError("no dataset: pass --data DATASET (a folder with metadata.json) or set data.root")
+    from fwmodel.data import select_samples
+
+    select_samples(Path(cfg.data.root), cfg.data)  # a missing or empty dataset is named first
+    cache = None
+    if cfg.data.cache != "off":
+        cache = LatentCache.find(cfg.data)
+        if cache is None and cfg.data.cache == "require":
+            raise CacheError(
+                f"no latent cache for {cfg.data.clip_spec().key} in {cfg.data.root}: run `fwmodel cache "
+                f"{cfg.data.root} --config CONFIG --vae PATH --text-encoder PATH` first"
+            )
+    if cache is None and (cfg.model.vae is None or cfg.model.text_encoder is None):
+        raise CacheError(
+            f"no latent cache for {cfg.data.clip_spec().key} (frames x height x width - stride - window) in "
+            f"{cfg.data.root}, and model.vae / model.text_encoder are not set for encoding on the fly: run "
+            f"`fwmodel cache {cfg.data.root} --config CONFIG --vae WAN_DIR --text-encoder WAN_DIR` (recommended), "
+            "or set both paths"
+        )
+    dataset = TrainingDataset(cfg.data, text_dim=model_config.wan.text_dim, cache=cache)
+    return dataset
+
+
+def make_loader(dataset: TrainingDataset, cfg: TrainConfig, d: Dist, start_micro: int):
+    sampler = StepSampler(len(dataset), cfg.train.batch_size, d.world_size, d.rank, cfg.train.seed,
+                          cfg.data.shuffle, start=start_micro)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=d.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+        prefetch_factor=2 if cfg.data.num_workers > 0 else None,
+    )
+    return sampler, loader
+
+
+def _describe_shapes(inputs: dict, outputs: dict) -> list[str]:
+    lines = []
+    for k, v in inputs.items():
+        if torch.is_tensor(v):
+            lines.append(f"  input  {k:<12} {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
+    for k, v in outputs.items():
+        if torch.is_tensor(v):
+            lines.append(f"  output {k:<12} {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            lines.append(f"  output {k:<12} {len(v)} x {list(v[0].shape)}")
+    return lines
+
+
+def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = None, dry_run: bool = False,
+          quiet: bool = False, echo: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) one training stage as configured. See the module docstring."""
+    stage = cfg.train.stage
+    if dry_run:
+        cfg = cfg.model_copy(update={
+            "train": cfg.train.model_copy(update={"num_steps": cfg.train.dry_run_steps, "batch_size": 1,
+                                                  "grad_accum": 1, "log_every": 1,
+                                                  "checkpoint_every": 10**9}),
+            "data": cfg.data.model_copy(update={"max_samples": 1, "num_workers": 0}),
+        })
+    d = init_distributed(cfg.model.device)
+    output = None if dry_run else cfg.output_dir()
+    if output is not None and not resume and list_states(output):
+        raise ResumeError(f"{output} already holds a run (state/step-{list_states(output)[-1]}): pass --resume to "
+                          "continue it, or choose another --output")
+    if resume and output is not None and not list_states(output):
+        raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
+                          "train.checkpoint_every steps); start without --resume")
+    log = RunLogger(d, quiet, echo)
+    try:
+        return _train(cfg, d, log, output, resume, resume_step, dry_run)
+    except Exception as err:
+        if log.file:  # the reason a run stopped belongs in its log
+            log.info(f"error: {type(err).__name__}: {err}", console=False)
+        raise
+    finally:
+        log.close()
+
+
+def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], resume: bool,
+           resume_step: Optional[int], dry_run: bool) -> TrainResult:
+    stage = cfg.train.stage
+    tcfg = cfg.train
+    model_config = get_preset(cfg.model.preset)
+    log.info(f"fwmodel {__version__} - Stage {stage} ({'latent bridging' if stage == 1 else 'unified co-optimisation'})"
+             f" - preset {model_config.name} - {d.world_size} process(es) on {d.device}"
+             + (" - DRY RUN" if dry_run else ""))
+    # ---- data (before weights: a bad dataset fails in seconds) ----
+    dataset = prepare_data(cfg, model_config, d)
+    for sid, why in list(dataset.skipped.items())[:10]:
+        log.info(f"skipped sample {sid}: {why}", console=False)
+    log.info(f"data: {len(dataset)} samples from {cfg.data.root} (split {cfg.data.split}"
+             f"{', gated-out included' if cfg.data.include_gated_out else ''}, {len(dataset.skipped)} skipped), "
+             f"{cfg.data.num_frames} frames at {cfg.data.height}x{cfg.data.width}, stride {cfg.data.frame_stride}; "
+             + (f"latent cache {dataset.cache.dir}" + (" (RANDOM tiny encoders)" if dataset.cache.random_init else "")
+                if dataset.uses_cache else "encoding on the fly (no cache)"))
+    global_batch = tcfg.batch_size * d.world_size * tcfg.grad_accum
+    log.info(f"batch: {tcfg.batch_size} per GPU x {d.world_size} GPUs x {tcfg.grad_accum} accumulation = "
+             f"{global_batch} samples per step; {tcfg.num_steps} steps")
+
+    # ---- preflight ----
+    act_bytes = 2 if cfg.model.mixed_precision == "bf16" else 4
+    est = estimate_memory(model_config, stage, tcfg.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width,
+                          cfg.model.gradient_checkpointing, 2 if cfg.model.backbone_dtype == "bfloat16" else 4,
+                          act_bytes, d.world_size, online_encoders=not dataset.uses_cache)
+    est.capacity, est.device = device_capacity(d.device)
+    if cfg.memory.limit_gb:
+        est.capacity, est.device = cfg.memory.limit_gb * GIB, f"{est.device} (memory.limit_gb)"
+    log.info("preflight: estimated memory per device\n" + "\n".join(est.lines()))
+    if cfg.memory.check:
+        check_fits(est, stage)
+
+    # ---- output folder: only now is anything written ----
+    resuming = resume and output is not None
+    if output is not None:
+        resume_at = resume_step if resume_step is not None else (list_states(output)[-1] if resuming else None)
+        log.open(output, resume_step=resume_at if resuming else None)
+        if d.is_main:
+            (output / "config.toml").write_text(config_toml(cfg))
+        log.info(f"output: {output} (config.toml, train.log, metrics.jsonl, tb/, step-N.safetensors, state/)")
+
+    # ---- model, optimizer ----
+    model = build_model(cfg, d.device, log)
+    if not resuming:
+        if cfg.model.init_from is not None:
+            load_stage1(model, cfg.model.init_from, stage, log)
+        elif stage == 2:
+            raise ConfigError(
+                "Stage 2 starts from the Stage-1 checkpoint: pass --init-from "
+                "outputs/fantasy_world_stage1/step-20000.safetensors (or set STAGE1_CHECKPOINT / model.init_from)"
+            )
+    names, optimizer, scheduler = build_optimizer(model, cfg, d.device)
+    groups = module_groups(model, stage)
+    n_train = sum(p.numel() for ps in groups.values() for p in ps)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log.info(f"parameters: {n_train:,} trainable ({', '.join(groups)}), {n_frozen:,} frozen (no grads, "
+             "no optimizer state, outside DDP)")
+
+    state = TrainState()
+    if resuming:
+        state = load_state(output, resume_step, model, optimizer, scheduler, names, cfg, dataset.fingerprint, d, log)
+
+    ddp_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                        find_unused_parameters=model_config.geometry.camera_token_projector,
+                        broadcast_buffers=False)
+
+    encoders = None
+    if not dataset.uses_cache:
+        from fwmodel.cache import TextEncoder, VideoEncoder
+
+        enc_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+        encoders = (VideoEncoder(cfg.model.vae, d.device, enc_dtype), TextEncoder(cfg.model.text_encoder, d.device, enc_dtype))
+
+    sampler, loader = make_loader(dataset, cfg, d, start_micro=state.step * tcfg.grad_accum)
+    data_iter = iter(loader)
+    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.model.mixed_precision == "bf16"
+                else nullcontext())
+    backbone_dtype = next(model.backbone.parameters()).dtype
+    H, W = cfg.data.height, cfg.data.width
+
+    result = TrainResult(output=output, step=state.step, skipped=state.skipped)
+    window = {"time": 0.0, "wait": 0.0, "steps": 0}
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    fault_step = int(os.environ.get("FWMODEL_FAULT_KILL_AT_STEP", "0"))  # tests: simulate a crash (SIGKILL)
+
+    while state.step < tcfg.num_steps:
+        step = state.step + 1
+        if fault_step and step == fault_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.perf_counter()
+        wait = 0.0
+        terms_sum: dict[str, torch.Tensor] = {}
+        local_bad = False
+        for micro in range(tcfg.grad_accum):
+            tw = time.perf_counter()
+            batch = next(data_iter)
+            wait += time.perf_counter() - tw
+            batch = move_batch(batch, d.device)
+            k = (step - 1) * tcfg.grad_accum + micro  # global micro-batch index
+            if encoders is not None:
+                with torch.no_grad():
+                    batch["latents"] = encoders[0](batch.pop("video"))
+                    batch["text"] = encoders[1](batch["text"])
+            B = batch["latents"].shape[0]
+            seeds = [mix_seed(tcfg.seed, k, d.rank * tcfg.batch_size + b, 7) for b in range(B)]
+            noised = add_noise(batch["latents"], cfg.diffusion, seeds)
+            plucker = plucker_for_batch(batch["w2c"], batch["K"], H, W) if stage == 2 else None
+            sync = d.enabled and micro < tcfg.grad_accum - 1
+            with (ddp_model.no_sync() if sync else nullcontext()), autocast:
+                outputs = ddp_model(noised.noisy.to(backbone_dtype), noised.timestep,
+                                    batch["text"].to(backbone_dtype), plucker=plucker, video=stage == 2)
+                losses = compute_losses(outputs, batch, stage, cfg.loss, noised)
+            (losses.total / tcfg.grad_accum).backward()
+            local_bad |= not bool(torch.isfinite(losses.total.detach()))
+            for key, value in losses.terms.items():
+                terms_sum[key] = terms_sum.get(key, 0) + value.float() / tcfg.grad_accum
+            if step == 1 and micro == 0:
+                log.info("shapes (first micro-batch):\n" + "\n".join(_describe_shapes(
+                    {"latents": noised.noisy, "timestep": noised.timestep, "text": batch["text"],
+                     "plucker": plucker, "depth": batch["depth"], "points": batch["points"],
+                     "pose_enc": batch["pose_enc"]}, outputs)), console=dry_run)
+            del outputs, losses
+
+        total_norm, module_norms = grad_norms(groups)
+        bad = d.any(local_bad or not bool(torch.isfinite(total_norm)))
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped += 1
+            state.consecutive_skipped += 1
+            log.info(f"step {step}: non-finite loss or gradient, step skipped ({state.skipped} so far, "
+                     f"limit {tcfg.max_nonfinite_steps})")
+            if state.skipped > tcfg.max_nonfinite_steps:
+                raise TrainingAborted(
+                    f"aborted at step {step}: {state.skipped} steps had a non-finite loss or gradient (limit "
+                    f"train.max_nonfinite_steps = {tcfg.max_nonfinite_steps}). Check the data (`fwdata validate`), "
+                    "lower optim.lr, keep optim.grad_clip on, or train in fp32 (model.mixed_precision = \"no\")."
+                )
+        else:
+            state.consecutive_skipped = 0
+            if cfg.optim.grad_clip > 0:
+                coef = (cfg.optim.grad_clip / (total_norm + 1e-6)).clamp(max=1.0)
+                for ps in groups.values():
+                    for p in ps:
+                        if p.grad is not None:
+                            p.grad.mul_(coef.to(p.grad.device))
+            optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about the order)
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        dt = time.perf_counter() - t0
+        window["time"] += dt
+        window["wait"] += wait
+        window["steps"] += 1
+
+        if step % tcfg.log_every == 0 or step == tcfg.num_steps or step == 1:
+            keys = sorted(terms_sum)
+            values = d.all_reduce_mean(torch.stack([terms_sum[k] for k in keys]))
+            metrics = {k: float(v) for k, v in zip(keys, values.tolist())}
+            metrics["lr"] = lr
+            metrics["grad_norm/total"] = float(total_norm)
+            metrics.update({f"grad_norm/{k}": float(v) for k, v in module_norms.items()})
+            step_time = window["time"] / window["steps"]
+            metrics["perf/step_time_s"] = step_time
+            metrics["perf/samples_per_s"] = global_batch / step_time
+            metrics["perf/data_wait_frac"] = window["wait"] / max(window["time"], 1e-9)
+            metrics["mem/peak_gib"] = _peak_memory(d.device)
+            metrics["train/skipped_steps"] = state.skipped
+            metrics["train/epoch"] = sampler.epoch_of(step * tcfg.grad_accum)
+            log.scalars(step, metrics)
+            result.history.append({"step": step, **metrics})
+            result.last_metrics = metrics
+            diff = f" diff {metrics['loss/diffusion']:.4f}" if "loss/diffusion" in metrics else ""
+            log.info(f"step {step}/{tcfg.num_steps} | total {metrics['loss/total']:.4f}{diff} | depth reg "
+                     f"{metrics['loss/depth/reg']:.4f} | point reg {metrics['loss/point/reg']:.4f} | camera "
+                     f"{metrics['loss/camera_loss']:.4f} | lr {lr:.2e} | {step_time:.2f} s/step | data "
+                     f"{100 * metrics['perf/data_wait_frac']:.0f}% | mem {metrics['mem/peak_gib']:.2f} GiB")
+            window = {"time": 0.0, "wait": 0.0, "steps": 0}
+
+        if output is not None and (step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps):
+            result.checkpoints.append(save_state(output, model, optimizer, scheduler, names, state, cfg,
+                                                 dataset.fingerprint, d, log))
+
+    result.step, result.skipped = state.step, state.skipped
+    if dry_run:
+        log.info(f"dry run finished: {state.step} steps on 1 sample, last step "
+                 f"{result.last_metrics.get('perf/step_time_s', 0):.2f} s, peak memory "
+                 f"{result.last_metrics.get('mem/peak_gib', 0):.2f} GiB; nothing was written")
+    else:
+        log.info(f"finished Stage {stage}: {state.step} steps ({state.skipped} skipped); "
+                 f"final weights {output / f'step-{state.step}.safetensors'}")
+    return result
