@@ -132,7 +132,7 @@ def validate(
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Processes checking samples in parallel "
                                                                   "(0: in this process, no crash isolation)."),
     sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Check only this sample id (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; print only the summary line on failure."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary line."),
 ) -> None:
     """Check a dataset: schema, file integrity, cross-consistency and quality gates. Never modifies it.
 

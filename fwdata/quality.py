@@ -156,3 +156,60 @@ def field_of_view_deg(K: np.ndarray, height: int, width: int) -> tuple[float, fl
     fov_h = np.degrees(camera.focal_to_fov(K[:, 1, 1].mean(), height))
     fov_w = np.degrees(camera.focal_to_fov(K[:, 0, 0].mean(), width))
     return float(fov_h), float(fov_w)
+
+
+# --------------------------------------------------------------------------- build-only (SfM) metrics
+# These need the sparse SfM points, which the dataset does not store: the build records them and
+# validation reads the recorded values. Sparse observations are given as parallel arrays:
+# obs_frame (M,) frame index, obs_point (M,) index into points (N,3) world, obs_uv (M,2) observed
+# pixel (pixel centres at +0.5).
+
+
+def registered_ratio(registered: Sequence[bool]) -> float:
+    """Fraction of frames whose pose comes from SfM registration (camera json `registered`)."""
+    registered = np.asarray(registered, dtype=bool)
+    return float(registered.mean()) if registered.size else 0.0
+
+
+def reprojection_errors(points: np.ndarray, obs_frame: np.ndarray, obs_point: np.ndarray, obs_uv: np.ndarray,
+                        K: np.ndarray, w2c: np.ndarray) -> np.ndarray:
+    """Pixel distance (M,) between each observation and its point projected with the clip's cameras.
+
+    K (3,3) shared or (T,3,3); w2c (T,4,4). Points behind the camera give inf.
+    """
+    K = np.broadcast_to(np.asarray(K, dtype=np.float64), (len(w2c), 3, 3))
+    uv, z = camera.project_points(points[obs_point][:, None, :], K[obs_frame], w2c[obs_frame])
+    err = np.linalg.norm(uv[:, 0] - obs_uv, axis=1)
+    return np.where(z[:, 0] > 0, err, np.inf)
+
+
+def reprojection_error(points: np.ndarray, obs_frame: np.ndarray, obs_point: np.ndarray, obs_uv: np.ndarray,
+                       K: np.ndarray, w2c: np.ndarray) -> Optional[float]:
+    """Mean reprojection error in pixels (None without observations)."""
+    err = reprojection_errors(points, obs_frame, obs_point, obs_uv, K, w2c)
+    err = err[np.isfinite(err)]
+    return float(err.mean()) if err.size else None
+
+
+def sparse_depth_absrel(depth: np.ndarray, valid: np.ndarray, points: np.ndarray, obs_frame: np.ndarray,
+                        obs_point: np.ndarray, obs_uv: np.ndarray, w2c: np.ndarray) -> tuple[Optional[float], np.ndarray]:
+    """AbsRel of z-depth maps against the depth of the SfM points each frame sees.
+
+    Returns (mean of |z_map - z_sfm| / z_sfm over all observations on valid depth, per-frame mean (T,)
+    with nan for frames without such an observation). Depth is looked up at the observed pixel.
+    """
+    T, H, W = depth.shape
+    col = np.floor(obs_uv[:, 0]).astype(np.int64)
+    row = np.floor(obs_uv[:, 1]).astype(np.int64)
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    f, col, row, pid = obs_frame[inside], col[inside], row[inside], obs_point[inside]
+    z = np.einsum("nj,nj->n", points[pid], w2c[f, 2, :3]) + w2c[f, 2, 3]
+    zm = depth[f, row, col].astype(np.float64)
+    ok = valid[f, row, col] & (z > 0) & np.isfinite(zm) & (zm > 0)
+    rel = np.abs(zm[ok] - z[ok]) / z[ok]
+    per_frame = np.full(T, np.nan)
+    if rel.size:
+        sums = np.bincount(f[ok], weights=rel, minlength=T)
+        counts = np.bincount(f[ok], minlength=T)
+        per_frame = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return (float(rel.mean()) if rel.size else None), per_frame
