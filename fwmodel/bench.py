@@ -230,7 +230,7 @@ def render(result: BenchResult) -> str:
         f"  samples/s        {result.samples_per_s:.3f}",
         f"  model TFLOP/step {f(result.model_tflop_per_step, '.2f')}",
         f"  achieved TFLOP/s {f(result.achieved_tflops, '.1f')}",
-        f"  MFU              {f(None if result.mfu is None else 100 * result.mfu, '.1f')}%"
+        f"  MFU              {'n/a' if result.mfu is None else f'{100 * result.mfu:.1f}%'}"
         + (f" (peak {result.peak_tflops:.0f} TFLOP/s bf16)" if result.peak_tflops else " (unknown device peak: --peak-tflops)"),
         f"  peak memory      {result.peak_memory_gib:.2f} GiB (preflight estimate {result.estimated_memory_gib:.2f} GiB)",
     ])

@@ -28,18 +28,23 @@ from fwmodel.config import ModelConfig
 
 GIB = 1024**3
 
-# Saved activation bytes per token per channel for one block in bf16 (x2 in fp32). Measured on the
-# diffusers Wan block (reference trainer-anchors section 3.2: 175 KB/token trainable, 95 KB/token
-# frozen with gradients through it, at width 1536), applied to our aggregator blocks as well.
-TRAINABLE_BLOCK_BYTES_PER_CHANNEL = 114.0
+# Saved activation bytes per token per channel for one block in bf16 (x2 in fp32). The frozen Wan
+# block with gradients flowing through it: measured on the diffusers block (reference
+# trainer-anchors section 3.2: 95 KB/token at width 1536). The trainable aggregator block (width
+# 1024, MLP x4): counted from its saved tensors.
 FROZEN_BLOCK_BYTES_PER_CHANNEL = 62.0
+GEOMETRY_BLOCK_BYTES_PER_CHANNEL = 60.0
 # Bi-cross-attention: saved elements per token per hidden channel (norms, q/k/v, outputs).
 BICROSS_ELEMENTS_PER_CHANNEL = 8.0
-# DPT head: saved elements per output pixel per frame (full-resolution 128/32-channel convs,
-# the half-resolution fusion, the coarser levels).
-DPT_ELEMENTS_PER_PIXEL = 1200.0
-# DPT levels after temporal upsampling, per output pixel (kept across checkpointed chunks).
+# DPT head fusion: saved elements per output pixel per frame for one head (what a checkpointed
+# frame chunk recomputes), and the multi-scale levels kept across chunks.
+DPT_ELEMENTS_PER_PIXEL = 420.0
 DPT_LEVEL_ELEMENTS_PER_PIXEL = 30.0
+# Never checkpointed, per output pixel (both heads' causal temporal upsampling, the loss maps).
+HEAD_AND_LOSS_BYTES_PER_PIXEL = 1210.0
+# The three constants above were fitted to peaks measured with `fwmodel bench` on an H200
+# (Wan2.1-1.3B, bf16, batch 1): Stage 1 at 21x336x592 with checkpointing 28.7 GiB and without
+# 42.1 GiB, Stage 2 at 81x336x592 with checkpointing 52.6 GiB (see docs/TRAINING.md).
 # Online encoders: UMT5-XXL and the Wan VAE weights in bf16, plus VAE encode activations.
 UMT5_XXL_BYTES = 11.4e9
 VAE_BYTES = 0.26e9
@@ -106,13 +111,13 @@ def estimate_memory(
     bd = config.interaction.bicross_dim
     pixels = num_frames * height * width
 
-    geo_block = G * C * TRAINABLE_BLOCK_BYTES_PER_CHANNEL * a  # one aggregator block (frame or global)
+    geo_block = G * C * GEOMETRY_BLOCK_BYTES_PER_CHANNEL * a  # one aggregator block (frame or global)
     wan_block = L * D * FROZEN_BLOCK_BYTES_PER_CHANNEL * a if stage == 2 else 0.0
     bicross = (L + G) * bd * BICROSS_ELEMENTS_PER_CHANNEL * activation_bytes if stage == 2 else 0.0
     irg_block = 2 * geo_block + wan_block + bicross
-    dpt_full = 2 * pixels * DPT_ELEMENTS_PER_PIXEL * activation_bytes
+    dpt_full = 2 * pixels * DPT_ELEMENTS_PER_PIXEL * activation_bytes  # both heads, every frame
     chunk = min(config.geometry.dpt_frames_chunk, num_frames * batch_size)
-    dpt_chunk = 2 * chunk * height * width * DPT_ELEMENTS_PER_PIXEL * activation_bytes
+    dpt_chunk = chunk * height * width * DPT_ELEMENTS_PER_PIXEL * activation_bytes  # one head's chunk recomputed
     dpt_levels = 2 * pixels * DPT_LEVEL_ELEMENTS_PER_PIXEL * activation_bytes
 
     if gradient_checkpointing:
@@ -124,6 +129,7 @@ def estimate_memory(
         heads = dpt_full * batch_size
     est.parts["activations: blocks"] = blocks * batch_size
     est.parts["activations: DPT heads"] = heads
+    est.parts["activations: upsampling + loss"] = HEAD_AND_LOSS_BYTES_PER_PIXEL * a * pixels * batch_size
     if stage == 2:
         est.parts["Plucker rays + camera encoder"] = 3 * batch_size * pixels * 6 * 4
     if online_encoders:

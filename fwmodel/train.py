@@ -94,6 +94,9 @@ class TrainSection(_Section):
     keep_states: int = Field(2, ge=1, description="resumable states kept (weights files are all kept)")
     max_nonfinite_steps: int = Field(20, ge=0, description="abort after more skipped non-finite steps than this")
     dry_run_steps: int = Field(3, ge=1)
+    deterministic: bool = Field(
+        False, description="deterministic GPU kernels where torch has them (slower); CPU runs are always exact"
+    )
 
 
 class ModelSection(_Section):
@@ -149,8 +152,8 @@ class TrainConfig(_Section):
 _RESUMABLE_CHANGES = {
     # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
     "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
-              "dry_run_steps", "batch_size"},
-    "model": {"wan_weights", "vae", "text_encoder", "init_from", "device"},
+              "dry_run_steps", "batch_size", "deterministic"},
+    "model": {"wan_weights", "vae", "text_encoder", "init_from", "device", "gradient_checkpointing"},
     "data": {"root", "num_workers", "cache_dir", "cache"},
     "memory": None,  # the whole section
 }
@@ -263,8 +266,13 @@ class Dist:
         return bool(t.item() > 0)
 
 
-def init_distributed(device_pref: str = "auto") -> Dist:
+def init_distributed(device_pref: str = "auto", deterministic: bool = False) -> Dist:
     """Read the torchrun / accelerate environment (RANK, WORLD_SIZE, LOCAL_RANK) and set up the group."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -276,8 +284,8 @@ def init_distributed(device_pref: str = "auto") -> Dist:
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local_rank, device)
@@ -638,7 +646,7 @@ def _peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
 
 
-def prepare_data(cfg: TrainConfig, model_config: ModelConfig, d: Dist, start_micro: int = 0):
+def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset:
     """Dataset (with its cache when present), sampler and loader. Fails before any weight is loaded."""
     from fwmodel.cache import CacheError, LatentCache
 
@@ -693,7 +701,6 @@ def _describe_shapes(inputs: dict, outputs: dict) -> list[str]:
 def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = None, dry_run: bool = False,
           quiet: bool = False, echo: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) one training stage as configured. See the module docstring."""
-    stage = cfg.train.stage
     if dry_run:
         cfg = cfg.model_copy(update={
             "train": cfg.train.model_copy(update={"num_steps": cfg.train.dry_run_steps, "batch_size": 1,
@@ -701,7 +708,7 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
                                                   "checkpoint_every": 10**9}),
             "data": cfg.data.model_copy(update={"max_samples": 1, "num_workers": 0}),
         })
-    d = init_distributed(cfg.model.device)
+    d = init_distributed(cfg.model.device, cfg.train.deterministic)
     output = None if dry_run else cfg.output_dir()
     if output is not None and not resume and list_states(output):
         raise ResumeError(f"{output} already holds a run (state/step-{list_states(output)[-1]}): pass --resume to "
@@ -725,11 +732,25 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
     stage = cfg.train.stage
     tcfg = cfg.train
     model_config = get_preset(cfg.model.preset)
+    if model_config.wan.in_channels != 16 or model_config.wan.image_dim is not None:
+        raise ConfigError(
+            f"preset {model_config.name} is an image-to-video model: it needs the I2V condition (first-frame "
+            "latent + mask) and CLIP image tokens, which the trainer does not build yet; train a text-to-video "
+            "preset (wan2.1-t2v-1.3b)"
+        )
+    resuming = resume and output is not None
+    if not resuming and stage == 2 and cfg.model.init_from is None:
+        raise ConfigError(
+            "Stage 2 starts from the Stage-1 checkpoint: pass --init-from "
+            "outputs/fantasy_world_stage1/step-20000.safetensors (or set STAGE1_CHECKPOINT / model.init_from)"
+        )
+    if not resuming and cfg.model.init_from is not None:
+        read_checkpoint_header(cfg.model.init_from)  # a wrong path or a damaged header fails now, not after loading
     log.info(f"fwmodel {__version__} - Stage {stage} ({'latent bridging' if stage == 1 else 'unified co-optimisation'})"
              f" - preset {model_config.name} - {d.world_size} process(es) on {d.device}"
              + (" - DRY RUN" if dry_run else ""))
     # ---- data (before weights: a bad dataset fails in seconds) ----
-    dataset = prepare_data(cfg, model_config, d)
+    dataset = prepare_data(cfg, model_config)
     for sid, why in list(dataset.skipped.items())[:10]:
         log.info(f"skipped sample {sid}: {why}", console=False)
     log.info(f"data: {len(dataset)} samples from {cfg.data.root} (split {cfg.data.split}"
@@ -754,7 +775,6 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
         check_fits(est, stage)
 
     # ---- output folder: only now is anything written ----
-    resuming = resume and output is not None
     if output is not None:
         resume_at = resume_step if resume_step is not None else (list_states(output)[-1] if resuming else None)
         log.open(output, resume_step=resume_at if resuming else None)
@@ -764,14 +784,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
 
     # ---- model, optimizer ----
     model = build_model(cfg, d.device, log)
-    if not resuming:
-        if cfg.model.init_from is not None:
-            load_stage1(model, cfg.model.init_from, stage, log)
-        elif stage == 2:
-            raise ConfigError(
-                "Stage 2 starts from the Stage-1 checkpoint: pass --init-from "
-                "outputs/fantasy_world_stage1/step-20000.safetensors (or set STAGE1_CHECKPOINT / model.init_from)"
-            )
+    if not resuming and cfg.model.init_from is not None:
+        load_stage1(model, cfg.model.init_from, stage, log)
     names, optimizer, scheduler = build_optimizer(model, cfg, d.device)
     groups = module_groups(model, stage)
     n_train = sum(p.numel() for ps in groups.values() for p in ps)

@@ -38,8 +38,7 @@ def test_truncated_checkpoint_is_refused(sidecar, stage1_checkpoint, dataset, re
     assert "damaged" in result.output and str(bad) in result.output.replace("\n", "")
     if sidecar:
         assert "truncated" in result.output
-    assert not list((tmp_path / "out").glob("step-*.safetensors"))
-    assert "error: CheckpointError" in (tmp_path / "out" / "train.log").read_text()
+    assert not (tmp_path / "out").exists()  # refused before anything was written or loaded
 
 
 def test_checkpoint_of_another_preset_is_refused(dataset, recipes, tmp_path):
