@@ -29,6 +29,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fwdata import quality
 from fwdata.depth import DepthResult
 from fwdata.sfm import SfmResult
 
@@ -68,7 +69,7 @@ class AlignResult:
     refined: np.ndarray  # (T,) bool: frame uses its own fit
     absrel: float  # mean |z - z_sfm| / z_sfm over all observations
     absrel_per_frame: np.ndarray  # (T,) nan where a frame has no usable point
-    num_obs: int
+    frames_with_points: int  # frames with at least one usable SfM point
     notes: list[str] = field(default_factory=list)
 
 
@@ -219,19 +220,14 @@ def align_depth(depth: DepthResult, sfm: SfmResult, opts: AlignOptions) -> Align
     valid &= np.isfinite(out) & ~far
     out[~valid] = 0.0
 
-    zp = out[f, row, col].astype(np.float64)
-    used = valid[f, row, col]
-    rel = np.abs(zp[used] - z[used]) / z[used]
-    per_frame = np.full(T, np.nan)
-    fu = f[used]
-    for i in np.unique(fu):
-        per_frame[i] = float(rel[fu == i].mean())
-    absrel = float(rel.mean()) if len(rel) else float("nan")
+    absrel, per_frame = quality.sparse_depth_absrel(out, valid, points, sfm.obs_frame, sfm.obs_point, sfm.obs_uv, w2c)
+    absrel = float("nan") if absrel is None else absrel
+    frames_with_points = int(np.isfinite(per_frame).sum())
     notes.append(f"align: {depth.kind} depth, clip fit {np.array2string(theta, precision=4)}, "
-                 f"{int(refined.sum())}/{T} frames refined, AbsRel {absrel:.4f} on {len(rel)} points")
+                 f"{int(refined.sum())}/{T} frames refined, AbsRel {absrel:.4f} against the SfM points")
     return AlignResult(depth=out, valid=valid, w2c=w2c, points=points, scale=scale, scale_source=scale_source,
                        params=params, refined=refined, absrel=absrel, absrel_per_frame=per_frame,
-                       num_obs=int(len(rel)), notes=notes)
+                       frames_with_points=frames_with_points, notes=notes)
 
 
 def _justified(Xi: np.ndarray, theta: np.ndarray, prior, min_gain: float) -> bool:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +47,7 @@ from fwdata.contract import (
     SampleRecord,
     sample_paths,
 )
+from fwdata.gates import Tolerances
 from fwdata.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.depth import model_info as depth_model_info
 from fwdata.sfm import SfmError, SfmOptions, SfmResult, run_sfm
@@ -86,6 +89,7 @@ class BuildConfig(BaseModel):
     name: str = Field("", description="dataset name written to metadata.json (default: the output folder's name)")
     workers: int = Field(1, ge=1, description="clips processed at once, each in its own process")
     write_ply: bool = Field(True, description="write the fused, coloured .ply cloud of each clip")
+    overlap_depth: bool = Field(True, description="run depth in a background thread while the cameras are solved")
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
         None, description="known camera intrinsics fx, fy, cx, cy in *source video* pixels (all inputs)"
     )
@@ -166,6 +170,27 @@ class ClipJob:
     points_valid: Optional[np.ndarray] = None
     quality: Optional[QualityMetrics] = None
     timings: dict[str, float] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    pending: dict[str, Future] = field(default_factory=dict)
+
+    def wait(self, stage: str) -> None:
+        """Wait for a background step; its failure is raised as a `BackgroundStepError` naming it."""
+        fut = self.pending.pop(stage, None)
+        if fut is None:
+            return
+        try:
+            self.timings[stage] = fut.result()
+        except BaseException as e:
+            raise BackgroundStepError(stage, e) from e
+
+
+class BackgroundStepError(RuntimeError):
+    """A step that ran in the background failed; `stage` and `error` are the step's own."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage = stage
+        self.error = error
 
 
 def step_decode(job: ClipJob) -> None:
@@ -184,12 +209,14 @@ def step_sfm(job: ClipJob) -> None:
 
 
 def step_depth(job: ClipJob) -> None:
-    """Per-frame depth from the model (batched) or the imported prior (fwdata.depth)."""
-    job.depth = estimate_depth(job.frames, job.config.depth, job.plan)
+    """Per-frame depth from the model (batched) or the imported prior (fwdata.depth). Runs in the
+    background next to the cameras (see `BACKGROUND_STEPS`) and stops early when the clip fails."""
+    job.depth = estimate_depth(job.frames, job.config.depth, job.plan, should_stop=job.cancel.is_set)
 
 
 def step_align(job: ClipJob) -> None:
     """Depth on the SfM scale (fwdata.align); metric depth makes the clip metric."""
+    job.wait("depth")
     job.aligned = align_depth(job.depth, job.sfm, job.config.align)
     job.depth = None  # the raw prediction is no longer needed
 
@@ -219,13 +246,18 @@ def step_write(job: ClipJob) -> None:
 #: the pipeline, in order: (stage name recorded on failure, function)
 STEPS: list[tuple[str, Callable[[ClipJob], None]]] = [
     ("decode", step_decode),
-    ("sfm", step_sfm),
     ("depth", step_depth),
+    ("sfm", step_sfm),
     ("align", step_align),
     ("points", step_points),
     ("quality", step_quality),
     ("write", step_write),
 ]
+
+#: steps that run in a background thread, next to the steps after them, until a step needs their
+#: result (`ClipJob.wait`): the depth network (on the GPU, or on spare cores) runs while COLMAP works.
+#: With `overlap_depth = false` every step runs in turn.
+BACKGROUND_STEPS = frozenset({"depth"})
 
 _EXPECTED = (VideoError, SfmError, DepthError, AlignError, ContractError, StepError)
 
@@ -235,11 +267,14 @@ def measure_quality(frames: np.ndarray, aligned: AlignResult, sfm: SfmResult, ca
     T, H, W = frames.shape[:3]
     fov_h, fov_w = quality.field_of_view_deg(K, H, W)
     path, rot = quality.camera_motion(w2c)
-    mv = quality.multiview_consistency(aligned.depth, aligned.valid, K, w2c)
+    tol = Tolerances()  # the same settings `fwdata validate` recomputes the metric with
+    mv = quality.multiview_consistency(aligned.depth, aligned.valid, K, w2c, rel_tol=tol.multiview_rel_tol,
+                                       stride=tol.multiview_stride, max_pairs=tol.multiview_max_pairs)
     per_frame = aligned.absrel_per_frame
     return QualityMetrics(
         registered_ratio=quality.registered_ratio([f.registered for f in cameras.frames]),
-        reprojection_error_px=float(sfm.reprojection_error),
+        reprojection_error_px=quality.reprojection_error(aligned.points, sfm.obs_frame, sfm.obs_point, sfm.obs_uv,
+                                                         K, w2c),
         num_points3d=int(len(sfm.points)),
         depth_sfm_absrel=_finite_or_none(aligned.absrel),
         depth_sfm_absrel_max_frame=_finite_or_none(float(np.nanmax(per_frame)) if np.isfinite(per_frame).any() else None),
@@ -280,9 +315,12 @@ def depth_source_label(config: BuildConfig, depth_kind: str) -> str:
 def make_record(job: ClipJob) -> SampleRecord:
     p, a = job.plan, job.aligned
     kind = "metric" if a.scale == "metric" else "relative"
+    paths = sample_paths(p.sample_id)
+    if not job.config.write_ply:
+        paths = paths.model_copy(update={"points_ply": None})
     return SampleRecord(
         id=p.sample_id,
-        paths=sample_paths(p.sample_id),
+        paths=paths,
         num_frames=p.num_frames,
         height=p.height,
         width=p.width,
@@ -315,22 +353,46 @@ def process_clip(plan: ClipPlan, config: BuildConfig, out: Union[str, Path]) -> 
     """Run every step on one clip. Never raises: a failing step gives a failed outcome with its stage."""
     job = ClipJob(plan=plan, config=config, out=Path(out))
     t_start = time.perf_counter()
-    for stage, fn in STEPS:
-        t0 = time.perf_counter()
-        try:
-            fn(job)
-        except _EXPECTED as e:
-            return _failed(plan, stage, _one_line(str(e)), t_start, job.timings)
-        except MemoryError:
-            return _failed(plan, stage, "out of memory; use fewer --workers or smaller clips", t_start, job.timings)
-        except Exception as e:  # a bug or an unforeseen library error: record it, keep building
-            tb = traceback.extract_tb(e.__traceback__)
-            where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-            return _failed(plan, stage, f"unexpected {type(e).__name__}: {_one_line(str(e))}{where}", t_start,
-                           job.timings)
-        job.timings[stage] = time.perf_counter() - t0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fwdata-bg") as background:
+        for stage, fn in STEPS:
+            if stage in BACKGROUND_STEPS and config.overlap_depth:
+                job.pending[stage] = background.submit(_timed, fn, job)
+                continue
+            t0 = time.perf_counter()
+            try:
+                fn(job)
+            except BaseException as e:
+                job.cancel.set()  # background steps stop at their next checkpoint
+                for name in list(job.pending):
+                    try:
+                        job.wait(name)
+                    except BackgroundStepError:
+                        pass
+                if isinstance(e, BackgroundStepError):
+                    stage, e = e.stage, e.error
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                return _failed(plan, stage, _reason(e), t_start, job.timings)
+            job.timings[stage] = time.perf_counter() - t0
     return ClipOutcome(plan.sample_id, plan.source, plan.start_frame, True, seconds=time.perf_counter() - t_start,
                        timings=job.timings)
+
+
+def _timed(fn: Callable[[ClipJob], None], job: ClipJob) -> float:
+    t0 = time.perf_counter()
+    fn(job)
+    return time.perf_counter() - t0
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed step: the message of errors we expect, the location of the others."""
+    if isinstance(e, _EXPECTED):
+        return _one_line(str(e))
+    if isinstance(e, MemoryError):
+        return "out of memory; use fewer --workers or smaller clips"
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"unexpected {type(e).__name__}: {_one_line(str(e))}{where}"
 
 
 def _failed(plan: ClipPlan, stage: str, reason: str, t_start: float, timings: dict) -> ClipOutcome:
@@ -417,6 +479,7 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
     if not plans:
         raise ConfigError(f"no video files found in {', '.join(map(str, inputs))}")
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(out)
 
     failures: list[FailedInput] = [FailedInput(source=p.source, reason=p.error, stage=p.stage)
                                    for p in plans if p.error]
@@ -501,6 +564,35 @@ def remove_sample(out: Path, sample_id: str) -> None:
         p = out / rel
         if p.exists():
             p.unlink()
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")  # fwdata.store's temporary names: .<stem>.tmp-<pid><suffix>
+
+
+def clean_stale_temp_files(out: Path) -> int:
+    """Delete temporary files left by a build that was killed (their writer process is gone). Returns the count."""
+    removed = 0
+    for d in [out, *(out / x for x in ("videos", "depth", "points", "camera_params")), out / MARKER_DIR]:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TMP_NAME.match(p.name)
+            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def package_versions() -> dict[str, str]:

@@ -151,6 +151,53 @@ def validate(
     raise typer.Exit(code)
 
 
+# --------------------------------------------------------------------------- build
+
+
+@app.command()
+def build(
+    videos: List[Path] = typer.Argument(..., help="Video files or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (created; finished clips are kept)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build preset: a TOML file or a name in "
+                                                                      "pipelines/build/ (default: default)."),
+    depth_model: Optional[str] = typer.Option(None, help="Depth model: hub id, local dir, or 'random-tiny'."),
+    depth_prior: Optional[Path] = typer.Option(None, help="Import depth from this folder instead (see docs/BUILD.md)."),
+    intrinsics: Optional[str] = typer.Option(None, help="Known intrinsics 'fx,fy,cx,cy' in source-video pixels."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip, 4k+1."),
+    height: Optional[int] = typer.Option(None, help="Clip height, a multiple of 16."),
+    width: Optional[int] = typer.Option(None, help="Clip width, a multiple of 16."),
+    stride: Optional[int] = typer.Option(None, help="Source frames between clip frames (0: from --fps)."),
+    fps: Optional[float] = typer.Option(None, help="Target clip frame rate when stride is 0."),
+    max_clips: Optional[int] = typer.Option(None, help="Most clips per video (0: all that fit)."),
+    mapper: Optional[str] = typer.Option(None, help="SfM mapper: incremental or global."),
+    loop_detection: Optional[bool] = typer.Option(None, "--loop-detection/--no-loop-detection",
+                                                  help="Match look-alike keyframes far apart in time."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Clips processed at once (processes)."),
+    device: Optional[str] = typer.Option(None, help="Depth model device: auto, cpu, cuda, cuda:1 ..."),
+    no_ply: bool = typer.Option(False, "--no-ply", help="Skip the fused .ply clouds."),
+    force: bool = typer.Option(False, "--force", help="Redo clips that are already finished."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show COLMAP's log."),
+) -> None:
+    """Turn videos into a dataset: clips, depth, cameras, point maps, quality metrics and metadata.json.
+
+    Exit codes: 0 every input succeeded, 1 some inputs or clips failed (the rest is written and listed in
+    metadata.json), 2 bad options or preset, missing inputs, or an unavailable depth model. See docs/BUILD.md.
+    """
+    from fwdata.build_cli import overrides_from_options, parse_intrinsics, run_build_command
+    from fwdata.cli_common import err_console
+
+    try:
+        k = parse_intrinsics(intrinsics) if intrinsics else None
+    except ValueError as e:
+        fail(str(e))
+    overrides = overrides_from_options(
+        frames=frames, height=height, width=width, stride=stride, fps=fps, max_clips=max_clips, depth_model=depth_model,
+        depth_prior=depth_prior, device=device, mapper=mapper, loop_detection=loop_detection, workers=workers,
+        write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k)
+    raise typer.Exit(run_build_command(videos, out, config, overrides, force, quiet, console, err_console))
+
+
 # --------------------------------------------------------------------------- doctor
 
 
@@ -236,7 +283,19 @@ def demo(
     except ContractError as e:
         fail(str(e), code=1)
     print_dataset_summary(gt, meta)
-    console.print(f"[green]demo finished[/]: dataset at {gt}")
+    console.print("[bold]build[/]: fwdata build on the rendered videos (depth model random-tiny: runs offline, "
+                  "its depth is not real)")
+    from fwdata.build_cli import run_demo_build
+
+    built = run_demo_build(gt / "videos", out / "dataset", console, quiet=quiet)
+    if not built.metadata.samples:
+        fail("the demo build produced no sample", code=1)
+    console.print("[bold]training[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
+    from fwmodel.demo import run_training_demo
+
+    trained = run_training_demo(out, echo=lambda m: console.print(m, markup=False, highlight=False), quiet=quiet)
+    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {out / 'dataset'}; "
+                  f"Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,9 @@ the clip at its final size is held in memory, never the whole video.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence, Union
@@ -181,12 +184,32 @@ def clip_stride(info: VideoInfo, opts: ClipOptions) -> int:
     return max(1, int(round(info.fps / opts.fps)))
 
 
+@contextlib.contextmanager
+def _silence_native_stderr():
+    """Hide FFmpeg's own messages (printed by decord's C code) while probing: the reason is recorded instead."""
+    fd = 2  # the process's stderr, whatever Python's sys.stderr currently is
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
     """Probe one video and plan its clips. Never raises for a bad video: the plan carries the reason."""
     path = Path(path)
     plan = VideoPlan(source=str(path))
     try:
-        info = probe(path)
+        with _silence_native_stderr():
+            info = probe(path)
     except VideoError as e:
         plan.error = _video_reason(str(e), path)
         return plan
@@ -218,7 +241,10 @@ def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
 def _video_reason(message: str, path: Path) -> str:
     """The VideoError message without the leading path (FailedInput already names the source)."""
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    if "Error reading" in message or "ERROR opening" in message:  # decord's wording for "FFmpeg could not open it"
+        return "not a readable video (not a video file, or damaged / truncated)"
+    return message.replace(str(path), path.name)
 
 
 def resize_frame(frame: np.ndarray, crop_xywh: tuple[float, float, float, float], out_h: int, out_w: int) -> np.ndarray:

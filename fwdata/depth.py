@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -210,8 +210,8 @@ class DepthEstimator:
         s = self.input_size / min(height, width)
         return _round14(height * s), _round14(width * s)
 
-    def predict(self, frames: np.ndarray) -> DepthResult:
-        """frames (T,H,W,3) uint8 -> DepthResult at (T,H,W)."""
+    def predict(self, frames: np.ndarray, should_stop: Optional[Callable[[], bool]] = None) -> Optional[DepthResult]:
+        """frames (T,H,W,3) uint8 -> DepthResult at (T,H,W); None when `should_stop()` turned True."""
         import torch
         import torch.nn.functional as F
 
@@ -222,6 +222,8 @@ class DepthEstimator:
         out = np.empty((T, H, W), np.float32)
         with torch.inference_mode():
             for a in range(0, T, self.opts.batch_size):
+                if should_stop is not None and should_stop():
+                    return None
                 x = torch.from_numpy(np.ascontiguousarray(frames[a:a + self.opts.batch_size])).to(self.device)
                 x = x.permute(0, 3, 1, 2).float() / 255.0
                 x = F.interpolate(x, size=(h_in, w_in), mode="bicubic", align_corners=False, antialias=True)
@@ -336,10 +338,14 @@ def _nearest_lookup(box: tuple[float, float, float, float], in_h: int, in_w: int
     return rows, cols
 
 
-def estimate_depth(frames: np.ndarray, opts: DepthOptions, plan=None) -> DepthResult:
-    """The depth stage: a prior when `opts.prior_dir` is set (needs `plan`), else the model."""
+def estimate_depth(frames: np.ndarray, opts: DepthOptions, plan=None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> Optional[DepthResult]:
+    """The depth stage: a prior when `opts.prior_dir` is set (needs `plan`), else the model.
+
+    `should_stop` is checked between batches; when it returns True the model stops and None is returned.
+    """
     if opts.prior_dir is not None:
         if plan is None:
             raise ValueError("a depth prior needs the clip plan")
         return load_prior(opts.prior_dir, plan)
-    return get_estimator(opts).predict(frames)
+    return get_estimator(opts).predict(frames, should_stop=should_stop)

@@ -44,13 +44,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fwdata import camera
 
 
+#: a try whose free focal ends within this fraction of the focal it was mapped with is settled
+FOCAL_SETTLED = 0.03
+#: iterations of the two rounds of the final bundle adjustment
+BA_ITERATIONS = (10, 5)
+
+
 class SfmOptions(BaseModel):
     """Camera stage options (`[sfm]` in a build preset)."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_features: int = Field(2048, ge=64, description="SIFT features per frame")
-    first_octave: int = Field(-1, ge=-1, le=2, description="SIFT first octave; -1 upsamples (better on small frames)")
+    first_octave: Optional[int] = Field(
+        None, ge=-1, le=2, description="SIFT first octave; -1 upsamples first (needed on small frames for accurate "
+                                       "focal lengths); None = -1 when the shorter side is under 320 px, else 0"
+    )
     keyframe_step: int = Field(0, ge=0, description="frames between keyframes; 0 = from the measured motion")
     max_keyframe_step: int = Field(4, ge=1, description="largest automatic keyframe step")
     keyframe_flow: float = Field(0.03, gt=0, description="target feature motion between keyframes, fraction of the "
@@ -142,8 +151,25 @@ def initial_focal(width: int, height: int, opts: SfmOptions) -> float:
     return 1.2 * max(width, height)  # COLMAP's default prior
 
 
+def _quiet(opts: SfmOptions) -> None:
+    """COLMAP logs only errors unless verbose (set before every call: some pycolmap calls reset it)."""
+    import pycolmap as pc
+
+    pc.logging.minloglevel = 0 if opts.verbose else 2
+
+
+def first_octave(height: int, width: int, opts: SfmOptions) -> int:
+    """The SIFT first octave: the option, or -1 (upsample) for frames whose shorter side is under 320 px."""
+    if opts.first_octave is not None:
+        return opts.first_octave
+    return -1 if min(height, width) < 320 else 0
+
+
 def _threads(opts: SfmOptions) -> int:
-    return opts.num_threads if opts.num_threads != 0 else 1
+    """Threads to use: the option, 1 for 0 (unset, run alone), all cores for -1."""
+    if opts.num_threads < 0:
+        return os.cpu_count() or 1
+    return max(1, opts.num_threads)
 
 
 class _Clip:
@@ -162,6 +188,7 @@ class _Clip:
         self.descriptors: list[np.ndarray] = []
         self.matched: set[tuple[int, int]] = set()
         self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
 
     # ---- features ------------------------------------------------------------------------
 
@@ -170,10 +197,9 @@ class _Clip:
         t0 = time.perf_counter()
         eo = pc.FeatureExtractionOptions()
         eo.sift.max_num_features = self.opts.max_features
-        eo.sift.first_octave = self.opts.first_octave
+        eo.sift.first_octave = first_octave(self.H, self.W, self.opts)
         eo.max_image_size = max(self.H, self.W)
         eo.num_threads = 1
-        extractor = pc.FeatureExtractor.create(eo, pc.Device.cpu)
         cam_model = "PINHOLE" if self.opts.intrinsics is not None else self.opts.camera_model
         if self.opts.intrinsics is not None:
             fx, fy, cx, cy = self.opts.intrinsics
@@ -185,14 +211,13 @@ class _Clip:
         cam.params = params
         cam.has_prior_focal_length = self.opts.intrinsics is not None
         sensor = pc.sensor_t(type=pc.SensorType.CAMERA, id=1)
+        features = self._sift_all(frames, eo)
         with pc.Database.open(str(self.db_path)) as db:
             db.write_camera(cam, use_camera_id=True)
             rig = pc.Rig()
             rig.add_ref_sensor(sensor)
             rig_id = db.write_rig(rig)
-            for i, frame in enumerate(frames):
-                kp, desc = extractor.extract_from_float32_array(_luma01(frame))
-                kpm = np.asarray(pc.keypoints_to_matrix(kp), dtype=np.float32)
+            for i, (kpm, desc) in enumerate(features):
                 image_id = db.write_image(pc.Image(name=_name(i), camera_id=1))
                 fr = pc.Frame()
                 fr.rig_id = rig_id
@@ -208,6 +233,26 @@ class _Clip:
                 self.descriptors.append(np.asarray(desc.data))
         self.timings["features"] = time.perf_counter() - t0
 
+    def _sift_all(self, frames: np.ndarray, eo) -> list:
+        """SIFT of every frame, in `num_threads` threads (one extractor each); results in frame order."""
+        from concurrent.futures import ThreadPoolExecutor
+        import threading
+
+        pc = self.pc
+        local = threading.local()
+
+        def one(frame: np.ndarray):
+            if not hasattr(local, "extractor"):
+                local.extractor = pc.FeatureExtractor.create(eo, pc.Device.cpu)
+            kp, desc = local.extractor.extract_from_float32_array(_luma01(frame))
+            return np.asarray(pc.keypoints_to_matrix(kp), dtype=np.float32), desc
+
+        threads = _threads(self.opts)
+        if threads == 1:
+            return [one(f) for f in frames]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one, frames))
+
     # ---- matching ------------------------------------------------------------------------
 
     def match(self, pairs: list[tuple[int, int]]) -> None:
@@ -216,6 +261,7 @@ class _Clip:
         if not todo:
             return
         t0 = time.perf_counter()
+        _quiet(self.opts)
         path = self.dir / f"pairs{len(self.matched)}.txt"
         path.write_text("".join(f"{_name(a)} {_name(b)}\n" for a, b in todo))
         mo = pc.FeatureMatchingOptions()
@@ -281,7 +327,7 @@ def choose_keyframes(T: int, step: int) -> list[int]:
 
 
 def matching_pairs(T: int, keyframes: list[int], overlap: int) -> list[tuple[int, int]]:
-    """Keyframe i with the next `overlap` keyframes; every other frame with the keyframes around it."""
+    """Keyframe i with the next `overlap` keyframes; every other frame with the keyframe before and after it."""
     pairs = set()
     for a, i in enumerate(keyframes):
         for b in range(a + 1, min(a + 1 + overlap, len(keyframes))):
@@ -294,13 +340,6 @@ def matching_pairs(T: int, keyframes: list[int], overlap: int) -> list[tuple[int
         nxt = int(kf[kf > i].min())
         pairs.add((prev, i))
         pairs.add((i, nxt))
-        # one more keyframe on each side gives a wider baseline for the pose
-        p2 = kf[kf < prev]
-        n2 = kf[kf > nxt]
-        if len(p2):
-            pairs.add((int(p2.max()), i))
-        if len(n2):
-            pairs.add((i, int(n2.min())))
     return sorted(pairs)
 
 
@@ -318,7 +357,7 @@ def loop_pairs(descriptors: list[np.ndarray], keyframes: list[int], overlap: int
     if len(data) < words * 4 or len(keyframes) <= overlap + 1:
         return []
     sample = data[rng.choice(len(data), size=min(len(data), 20000), replace=False)]
-    centroids, _ = kmeans2(sample, words, minit="++", seed=seed)
+    centroids, _ = kmeans2(sample, words, minit="++", rng=np.random.default_rng(seed))
     hist = np.zeros((len(keyframes), words))
     for a, k in enumerate(keyframes):
         codes, _ = vq(descriptors[k].astype(np.float32), centroids)
@@ -353,6 +392,7 @@ def _mapper_options(opts: SfmOptions, refine_focal: bool):
 def _map_keyframes(clip: _Clip, keyframes: list[int], refine_focal: bool):
     """Reconstructions of the keyframes (largest first)."""
     pc = clip.pc
+    _quiet(clip.opts)
     out = clip.dir / f"map{len(os.listdir(clip.dir))}"
     out.mkdir()
     names = [_name(i) for i in keyframes]
@@ -388,6 +428,7 @@ def _extend(clip: _Clip, rec, keyframes: list[int]):
     """Register every frame it can into `rec` (nearest to the registered ones first). Returns the model."""
     pc = clip.pc
     opts = clip.opts
+    _quiet(opts)
     mo = _mapper_options(opts, refine_focal=False)
     tri = pc.IncrementalTriangulatorOptions()
     tri.random_seed = opts.seed
@@ -395,7 +436,7 @@ def _extend(clip: _Clip, rec, keyframes: list[int]):
     bao.print_summary = False
     bao.refine_focal_length = False
     bao.refine_extra_params = False
-    bao.ceres.solver_options.num_threads = max(1, _threads(opts))
+    bao.ceres.solver_options.num_threads = _threads(opts)
     with pc.Database.open(str(clip.db_path)) as db:
         cache = pc.DatabaseCache.create(db, pc.DatabaseCacheOptions())
     mapper = pc.IncrementalMapper(cache)
@@ -424,6 +465,7 @@ def _extend(clip: _Clip, rec, keyframes: list[int]):
 
 
 def _observation_errors(rec) -> np.ndarray:
+    rec.update_point_3d_errors()
     errs = [p.error for p in rec.points3D.values()]
     return np.asarray(errs, dtype=np.float64) if errs else np.zeros(0)
 
@@ -432,6 +474,7 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool) -> None:
     """Global BA of all frames: focal free (if asked), robust loss at the clip's noise level, outliers dropped."""
     pc = clip.pc
     opts = clip.opts
+    _quiet(opts)
     for round_ in range(2):
         errs = _observation_errors(rec)
         scale = opts.robust_loss_px or float(np.clip(1.5 * np.median(errs) if len(errs) else 1.0, 0.1, 2.0))
@@ -442,15 +485,132 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool) -> None:
         bao.refine_extra_params = False
         bao.ceres.loss_function_type = pc.LossFunctionType.CAUCHY
         bao.ceres.loss_function_scale = scale
-        bao.ceres.solver_options.num_threads = max(1, _threads(opts))
-        bao.ceres.solver_options.max_num_iterations = 100
-        pc.bundle_adjustment(rec, bao)
+        bao.ceres.solver_options.num_threads = _threads(opts)
+        bao.ceres.solver_options.max_num_iterations = BA_ITERATIONS[round_]
+        bao.ceres.solver_options.function_tolerance = 1e-6
+        config = pc.BundleAdjustmentConfig()
+        for image_id in rec.reg_image_ids():
+            config.add_image(image_id)
+        config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+        pc.create_default_bundle_adjuster(bao, config, rec).solve()  # (pc.bundle_adjustment resets the log level)
         pc.ObservationManager(rec).filter_all_points3D(opts.max_reproj_error_px, 1.0)
 
 
 def _focal(rec) -> float:
     cam = next(iter(rec.cameras.values()))
     return float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+
+
+@dataclass
+class _Attempt:
+    """One mapping of the clip with the focal length held at `f_fixed`, then the final adjustment."""
+
+    f_fixed: float
+    f_final: float
+    rec: object
+    mapped: np.ndarray
+    num_models: int
+    reproj: float
+    registered: int
+
+    @property
+    def consistent(self) -> bool:
+        """One model, and the free focal stayed near the one the map was built with."""
+        return self.num_models == 1 and abs(self.f_final / self.f_fixed - 1.0) < FOCAL_SETTLED
+
+    @property
+    def rank(self) -> tuple:
+        return (-self.registered, not self.consistent, self.num_models, self.reproj)
+
+
+def _plausible(f: float, width: int) -> bool:
+    fov = float(np.degrees(camera.focal_to_fov(f, width)))
+    return 10.0 <= fov <= 150.0
+
+
+def _view_graph_focal(clip: _Clip) -> Optional[float]:
+    """Focal length from the pairwise fundamental matrices (GLOMAP view-graph calibration), on a copy
+    of the database; None when it fails or leaves the initial guess unchanged."""
+    import shutil
+
+    pc = clip.pc
+    copy = clip.dir / "vgc.db"
+    shutil.copyfile(clip.db_path, copy)
+    vo = pc.ViewGraphCalibrationOptions()
+    vo.random_seed = clip.opts.seed
+    try:
+        if not pc.calibrate_view_graph(str(copy), vo):
+            return None
+        with pc.Database.open(str(copy)) as db:
+            cam = db.read_camera(1)
+        f = float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+    except Exception:
+        return None
+    finally:
+        copy.unlink(missing_ok=True)
+    f0 = _focal_from_db(clip)
+    return f if abs(f / f0 - 1.0) > 0.02 and _plausible(f, clip.W) else None
+
+
+def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, refine: bool) -> Optional[_Attempt]:
+    """Map the keyframes with the focal held at `f_fixed`, then adjust them (with the focal free if `refine`).
+
+    Without `refine` the camera in the database (known intrinsics) is used as it is.
+    """
+    if refine:
+        clip.set_focal(f_fixed)
+    t0 = time.perf_counter()
+    models = _map_keyframes(clip, keyframes, refine_focal=False)
+    clip.timings["mapping"] = clip.timings.get("mapping", 0.0) + time.perf_counter() - t0
+    if not models:
+        return None
+    rec = clip.pc.Reconstruction(models[0])
+    mapped = np.zeros(clip.T, bool)
+    mapped[list(_registered_frames(rec, clip))] = True
+    t0 = time.perf_counter()
+    _final_adjustment(clip, rec, refine_focal=refine)
+    clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
+    return _Attempt(f_fixed=f_fixed, f_final=_focal(rec), rec=rec, mapped=mapped, num_models=len(models),
+                    reproj=float(rec.compute_mean_reprojection_error()), registered=rec.num_reg_images())
+
+
+def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 5) -> list[_Attempt]:
+    """Keyframe maps with the focal held fixed at a candidate, each adjusted with the focal free; the
+    candidate is replaced by the adjusted focal until it settles (a map built with a wrong focal is
+    distorted, and adjustment alone cannot undo that in a flat focal/structure valley).
+
+    Candidates, in order: the view-graph calibration's focal (data-driven), the initial guess, then
+    a ladder of fields of view for clips where mapping breaks up. Only keyframes take part, so the
+    tries are cheap; the other frames are registered once, afterwards.
+    """
+    f0 = _focal_from_db(clip)
+    if not refine:
+        a = _attempt(clip, keyframes, f0, refine=False)
+        if a is None:
+            raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
+                           "translation, or too little texture)")
+        return [a]
+    queue = [f for f in (_view_graph_focal(clip), f0) if f is not None]
+    queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (60.0, 45.0, 80.0, 100.0)]
+    attempts: list[_Attempt] = []
+    tried: list[float] = []
+    while queue and len(tried) < max_attempts:
+        f = queue.pop(0)
+        if any(abs(f / t - 1.0) < 0.01 for t in tried):
+            continue
+        tried.append(f)
+        a = _attempt(clip, keyframes, f, refine=True)
+        if a is None:
+            continue
+        attempts.append(a)
+        if a.consistent and a.registered == len(keyframes):
+            break
+        if _plausible(a.f_final, clip.W) and a.num_models == 1:
+            queue.insert(0, a.f_final)  # map again with the focal the adjustment found
+    if not attempts:
+        raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
+                       "translation, or too little texture)")
+    return attempts
 
 
 # --------------------------------------------------------------------------- main entry
@@ -460,8 +620,7 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
     """Cameras for a clip (T,H,W,3) uint8. Raises SfmError with a reason when the clip has no usable trajectory."""
     import pycolmap as pc
 
-    if not opts.verbose:
-        pc.logging.minloglevel = 2
+    _quiet(opts)
     T, H, W = frames.shape[:3]
     if T < 3:
         raise SfmError(f"a clip needs at least 3 frames for cameras, got {T}")
@@ -498,29 +657,18 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
 
         known = opts.intrinsics is not None
         refine = opts.refine_intrinsics and not known
-        f_fixed = _focal_from_db(clip)
-        rec, num_models, mapped = None, 0, np.zeros(T, bool)
-        for attempt in range(2):
-            t0 = time.perf_counter()
-            models = _map_keyframes(clip, keyframes, refine_focal=False)
-            clip.timings["mapping"] = clip.timings.get("mapping", 0.0) + time.perf_counter() - t0
-            if not models:
-                raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
-                               "translation, or too little texture)")
-            num_models = len(models)
-            mapped = np.zeros(T, bool)
-            mapped[list(_registered_frames(models[0], clip))] = True
-            t0 = time.perf_counter()
-            rec = _extend(clip, models[0], keyframes)
-            clip.timings["registration"] = clip.timings.get("registration", 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _final_adjustment(clip, rec, refine_focal=refine)
-            clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
-            f_new = _focal(rec)
-            if not refine or abs(f_new / f_fixed - 1.0) < 0.15 or attempt == 1:
-                break
-            clip.set_focal(f_new)  # map again with the better focal held fixed
-            f_fixed = f_new
+        attempts = _solve(clip, keyframes, refine)
+        best = min(attempts, key=lambda a: a.rank)
+        mapped, num_models = best.mapped, best.num_models
+        t0 = time.perf_counter()
+        rec = _extend(clip, best.rec, keyframes)  # every other frame, focal held at the settled value
+        clip.timings["registration"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _final_adjustment(clip, rec, refine_focal=refine)
+        clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
+        clip.notes.append("sfm: focal tries " + ", ".join(
+            f"{a.f_fixed:.1f}->{a.f_final:.1f} ({a.num_models} model{'s' if a.num_models != 1 else ''}, "
+            f"{a.reproj:.3f} px)" for a in attempts))
         result = _result(clip, rec, keyframes, mapped, num_models)
     return result
 
@@ -553,6 +701,7 @@ def _result(clip: _Clip, rec, keyframes: list[int], mapped: np.ndarray, num_mode
     else:
         K = camera.intrinsics_matrix(p[0], p[1], p[2], p[3])
 
+    rec.update_point_3d_errors()
     ids = sorted(rec.points3D.keys())
     index = {pid: n for n, pid in enumerate(ids)}
     pts = np.array([rec.points3D[pid].xyz for pid in ids], dtype=np.float64).reshape(-1, 3)
@@ -595,7 +744,7 @@ def _result(clip: _Clip, rec, keyframes: list[int], mapped: np.ndarray, num_mode
         w2c=w2c, K=K, points=pts, point_errors=errs, obs_frame=obs_frame, obs_point=obs_point, obs_uv=obs_uv,
         keyframes=keyframes, mapped=mapped, reprojection_error=float(rec.compute_mean_reprojection_error()),
         num_models=num_models, timings=dict(clip.timings),
-        notes=[f"sfm: {len(keyframes)} keyframes (step {keyframes[1] - keyframes[0] if len(keyframes) > 1 else 1}), "
+        notes=clip.notes + [f"sfm: {len(keyframes)} keyframes (step {keyframes[1] - keyframes[0] if len(keyframes) > 1 else 1}), "
                f"{num_models} model(s) from mapping, {int(mapped.sum())} frames mapped, "
                f"{T - int(mapped.sum())} registered afterwards"],
     )

@@ -92,11 +92,13 @@ def point_maps(depth: np.ndarray, valid: np.ndarray, cameras: CameraFile) -> tup
 
 
 def fused_cloud(points: np.ndarray, valid: np.ndarray, frames: np.ndarray, voxel_size: Optional[float] = None,
-                pixel_stride: int = 2):
+                pixel_stride: int = 2, max_points: int = 200_000):
     """Fused, voxel-downsampled, outlier-filtered coloured cloud (open3d PointCloud).
 
     points (T,H,W,3), valid (T,H,W), frames (T,H,W,3) uint8. `voxel_size` defaults to 1/200 of the
-    median point distance from the origin (frame-0 camera), so it adapts to the scene's unit.
+    median point distance from the origin (frame-0 camera), so it adapts to the scene's unit; it
+    grows when the downsampled cloud would exceed `max_points` (the outlier filter's cost grows
+    with the point count: long, large clips otherwise spend seconds here).
     """
     import open3d as o3d
 
@@ -110,7 +112,10 @@ def fused_cloud(points: np.ndarray, valid: np.ndarray, frames: np.ndarray, voxel
     pcd.colors = o3d.utility.Vector3dVector(rgb)
     if voxel_size is None:
         voxel_size = max(float(np.median(np.linalg.norm(xyz, axis=1))) / 200.0, 1e-6)
-    pcd = pcd.voxel_down_sample(voxel_size)
+    down = pcd.voxel_down_sample(voxel_size)
+    if len(down.points) > max_points:  # points on surfaces scale with 1 / voxel_size^2
+        down = down.voxel_down_sample(voxel_size * 1.05 * float(np.sqrt(len(down.points) / max_points)))
+    pcd = down
     if len(pcd.points) > 50:
         pcd, _ = pcd.remove_statistical_outlier(nb_neighbors=20, std_ratio=2.0)
     return pcd
