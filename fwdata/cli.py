@@ -270,32 +270,45 @@ def demo(
     out: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """The main job end to end on the bundled default: render example clips, write and inspect the dataset."""
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    """The main job end to end: render clips with ground truth, build a dataset from their videos, validate it, train.
 
-    console.print("[bold]1/2[/] rendering 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
+    Runs offline: depth comes from `random-tiny` (a randomly initialised Depth Anything, so its depth
+    is not real and validation flags it) and training uses a tiny random Wan.
+    """
+    from fwdata.build_cli import run_demo_build
+    from fwdata.report import ReportFormat, validate_and_report
+    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.validate import ValidateOptions
+    from fwmodel.demo import run_training_demo
+
+    console.print("[bold]1/4 render[/]: 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
     gt = out / "synthetic"
     write_synthetic_dataset(gt, SynthOptions(num_scenes=4, num_frames=33, height=192, width=336),
                             progress=None if quiet else (lambda sid: console.print(f"  {sid}")))
-    console.print("[bold]2/2[/] reading the dataset back through the contract")
     try:
-        meta = load_metadata(gt)
+        print_dataset_summary(gt, load_metadata(gt))
     except ContractError as e:
         fail(str(e), code=1)
-    print_dataset_summary(gt, meta)
-    console.print("[bold]build[/]: fwdata build on the rendered videos (depth model random-tiny: runs offline, "
-                  "its depth is not real)")
-    from fwdata.build_cli import run_demo_build
 
-    built = run_demo_build(gt / "videos", out / "dataset", console, quiet=quiet)
+    console.print("[bold]2/4 build[/]: fwdata build on the rendered videos (depth model random-tiny)")
+    dataset = out / "dataset"
+    built = run_demo_build(gt / "videos", dataset, console, quiet=quiet)
     if not built.metadata.samples:
         fail("the demo build produced no sample", code=1)
-    console.print("[bold]training[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
-    from fwmodel.demo import run_training_demo
 
+    console.print("[bold]3/4 validate[/]: fwdata validate on the built dataset (default gates)")
+    code = validate_and_report(ValidateOptions(dataset=dataset, workers=0), ReportFormat.table, quiet=quiet,
+                               console=console)
+    if code == 2:
+        fail("the built dataset could not be read by validation", code=1)
+    if code == 1:
+        console.print("  (expected here: the gate refuses depth from a randomly initialised model; "
+                      "build with a real --depth-model to pass)")
+
+    console.print("[bold]4/4 train[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
     trained = run_training_demo(out, echo=lambda m: console.print(m, markup=False, highlight=False), quiet=quiet)
-    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {out / 'dataset'}; "
-                  f"Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
+    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {dataset} "
+                  f"(validation exit {code}); Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
 
 
 if __name__ == "__main__":  # pragma: no cover
