@@ -143,6 +143,27 @@ def test_random_tiny_is_deterministic_and_image_dependent():
     assert r1.valid.any() and np.std(r1.values[r1.valid]) > 0
 
 
+def test_local_model_folder_relative_and_metric(tmp_path):
+    """A transformers model folder (save_pretrained) loads offline; its config says relative or metric."""
+    from fwdata.depth import DepthEstimator
+
+    model = random_tiny_model()
+    model.save_pretrained(tmp_path / "rel")
+    model.config.depth_estimation_type = "metric"
+    model.config.max_depth = 20
+    model.save_pretrained(tmp_path / "metric")
+    frames = np.random.default_rng(0).integers(0, 255, (2, 32, 48, 3), dtype=np.uint8)
+    for name, kind in (("rel", "relative"), ("metric", "metric")):
+        opts = DepthOptions(model=str(tmp_path / name), input_size=28)
+        check_model_available(opts)
+        est = DepthEstimator(opts)
+        assert est.kind == kind and est.input_shape(32, 48) == (28, 42)
+        r = est.predict(frames)
+        assert r.kind == kind and r.values.shape == (2, 32, 48) and np.isfinite(r.values).all()
+    assert DepthEstimator(DepthOptions(model=str(tmp_path / "metric"), kind="relative")).kind == "relative"
+    assert est.predict(frames, should_stop=lambda: True) is None
+
+
 def test_model_availability_errors_are_usage_errors(tmp_path):
     check_model_available(DepthOptions(model="random-tiny"))
     (tmp_path / "model").mkdir()
