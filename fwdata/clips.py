@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,11 @@ def _video_reason(message: str, path: Path) -> str:
     """The VideoError message without the leading path (FailedInput already names the source)."""
     prefix = f"{path}: "
     message = message[len(prefix):] if message.startswith(prefix) else message
+    message = re.sub(r"\[\d\d:\d\d:\d\d\] \S+\.(cc|h):\d+: ", "", message)  # decord's log prefix
+    if "av_read_frame failed" in message:
+        return "not a readable video (damaged or truncated: decoding failed)"
+    if "cannot find video stream" in message:
+        return "no video stream (an audio-only file, or not a video)"
     if "Error reading" in message or "ERROR opening" in message:  # decord's wording for "FFmpeg could not open it"
         return "not a readable video (not a video file, or damaged / truncated)"
     return message.replace(str(path), path.name)

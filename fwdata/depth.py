@@ -8,8 +8,9 @@ Two kinds of depth come out of this stage, and the alignment stage treats them b
   estimators).
 
 The model runs batched over the frames of a clip, on the GPU when there is one. Inputs are resized
-so the shorter side is ``input_size`` (sides multiples of the 14-pixel ViT patch), normalised with
-the model's mean/std, and the prediction is resized back to the clip size.
+on the device as the transformers Depth Anything processor does (keep the aspect ratio, scale as
+little as possible so one side is ``input_size``, sides multiples of the 14-pixel ViT patch),
+normalised with the model's mean/std, and the prediction is resized back to the clip size.
 
 ``--depth-model random-tiny`` builds a small, randomly initialised Depth Anything from a config
 (seeded, no download) so the whole pipeline runs offline in tests and demos; its output is
@@ -51,7 +52,8 @@ class DepthOptions(BaseModel):
     )
     prior_dir: Optional[str] = Field(None, description="import depth from this folder instead of running a model")
     batch_size: int = Field(8, ge=1, description="frames per forward pass")
-    input_size: int = Field(518, ge=14, description="shorter side of the model input, pixels (rounded to 14)")
+    input_size: int = Field(518, ge=14, description="model input size: the image is scaled as little as possible so "
+                                                    "one side has this length (the transformers processor's rule)")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="inference precision on GPU (CPU always runs float32)"
@@ -206,8 +208,10 @@ class DepthEstimator:
             pass  # Depth Anything uses the ImageNet statistics
 
     def input_shape(self, height: int, width: int) -> tuple[int, int]:
-        """Model input size for a clip: shorter side `input_size`, both sides multiples of 14."""
-        s = self.input_size / min(height, width)
+        """Model input size for a clip, as the transformers Depth Anything processor sizes it: keep the
+        aspect ratio, scale as little as possible so one side becomes `input_size`, round to 14."""
+        sh, sw = self.input_size / height, self.input_size / width
+        s = sw if abs(1.0 - sw) < abs(1.0 - sh) else sh
         return _round14(height * s), _round14(width * s)
 
     def predict(self, frames: np.ndarray, should_stop: Optional[Callable[[], bool]] = None) -> Optional[DepthResult]:

@@ -46,8 +46,10 @@ from fwdata import camera
 
 #: a try whose free focal ends within this fraction of the focal it was mapped with is settled
 FOCAL_SETTLED = 0.03
-#: iterations of the two rounds of the final bundle adjustment
-BA_ITERATIONS = (10, 5)
+#: iterations of the two rounds of bundle adjustment: of the keyframes in a focal try (where the focal
+#: length has to travel), and of all frames at the end (where it only settles)
+BA_ITERATIONS = (30, 10)
+FINAL_BA_ITERATIONS = (10, 5)
 
 
 class SfmOptions(BaseModel):
@@ -138,11 +140,13 @@ class SfmResult:
 
 
 def _name(i: int) -> str:
-    return f"{i:06d}.png"
+    return f"{i:06d}.bmp"
 
 
-def _luma01(frame: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray((frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0)
+def _luma8(frame: np.ndarray) -> np.ndarray:
+    """BT.601 luma as uint8 (what COLMAP computes from an RGB image)."""
+    y = frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.ascontiguousarray(np.clip(np.rint(y), 0, 255).astype(np.uint8))
 
 
 def initial_focal(width: int, height: int, opts: SfmOptions) -> float:
@@ -193,65 +197,53 @@ class _Clip:
     # ---- features ------------------------------------------------------------------------
 
     def extract(self, frames: np.ndarray) -> None:
+        """SIFT on every frame into the database, with one shared camera.
+
+        Frames are written as lossless 8-bit grey BMPs (a few ms each) so COLMAP's own extractor runs
+        on all `num_threads` threads; the in-memory extractor holds Python's GIL, one frame at a time.
+        Images are named by frame index, so order never depends on how they were imported.
+        """
         pc = self.pc
         t0 = time.perf_counter()
+        from PIL import Image
+
+        images = self.dir / "frames"
+        images.mkdir()
+        names = [_name(i) for i in range(self.T)]
+        for name, frame in zip(names, frames):
+            Image.fromarray(_luma8(frame)).save(images / name)
         eo = pc.FeatureExtractionOptions()
         eo.sift.max_num_features = self.opts.max_features
         eo.sift.first_octave = first_octave(self.H, self.W, self.opts)
         eo.max_image_size = max(self.H, self.W)
-        eo.num_threads = 1
-        cam_model = "PINHOLE" if self.opts.intrinsics is not None else self.opts.camera_model
+        eo.num_threads = _threads(self.opts)
+        ro = pc.ImageReaderOptions()
         if self.opts.intrinsics is not None:
-            fx, fy, cx, cy = self.opts.intrinsics
-            params = [fx, fy, cx, cy]
+            ro.camera_model = "PINHOLE"
+            params = list(self.opts.intrinsics)
         else:
+            ro.camera_model = self.opts.camera_model
             f = initial_focal(self.W, self.H, self.opts)
-            params = [f, self.W / 2.0, self.H / 2.0] if cam_model == "SIMPLE_PINHOLE" else [f, f, self.W / 2.0, self.H / 2.0]
-        cam = pc.Camera.create_from_model_name(1, cam_model, 1.0, self.W, self.H)
-        cam.params = params
-        cam.has_prior_focal_length = self.opts.intrinsics is not None
-        sensor = pc.sensor_t(type=pc.SensorType.CAMERA, id=1)
-        features = self._sift_all(frames, eo)
+            params = [f, self.W / 2.0, self.H / 2.0] if ro.camera_model == "SIMPLE_PINHOLE" else \
+                [f, f, self.W / 2.0, self.H / 2.0]
+        ro.camera_params = ",".join(repr(float(x)) for x in params)
+        _quiet(self.opts)
+        pc.extract_features(self.db_path, images, image_names=names, camera_mode=pc.CameraMode.SINGLE,
+                            reader_options=ro, extraction_options=eo, device=pc.Device.cpu)
         with pc.Database.open(str(self.db_path)) as db:
-            db.write_camera(cam, use_camera_id=True)
-            rig = pc.Rig()
-            rig.add_ref_sensor(sensor)
-            rig_id = db.write_rig(rig)
-            for i, (kpm, desc) in enumerate(features):
-                image_id = db.write_image(pc.Image(name=_name(i), camera_id=1))
-                fr = pc.Frame()
-                fr.rig_id = rig_id
-                fr.add_data_id(pc.data_t(sensor_id=sensor, id=image_id))
-                frame_id = db.write_frame(fr)
-                im = db.read_image(image_id)
-                im.frame_id = frame_id
-                db.update_image(im)
-                db.write_keypoints(image_id, kpm)
-                db.write_descriptors(image_id, desc)
+            if db.num_images() != self.T:
+                raise SfmError(f"feature extraction read {db.num_images()} of {self.T} frames")
+            cam = db.read_camera(1)
+            cam.has_prior_focal_length = self.opts.intrinsics is not None
+            db.update_camera(cam)
+            by_name = {im.name: im.image_id for im in db.read_all_images()}
+            for i, name in enumerate(names):
+                image_id = by_name[name]
                 self.image_ids[i] = image_id
-                self.keypoints.append(kpm[:, :2].copy())
-                self.descriptors.append(np.asarray(desc.data))
+                self.keypoints.append(np.asarray(db.read_keypoints(image_id), dtype=np.float32)[:, :2].copy())
+                self.descriptors.append(np.asarray(db.read_descriptors(image_id).data))
+        self.names = names
         self.timings["features"] = time.perf_counter() - t0
-
-    def _sift_all(self, frames: np.ndarray, eo) -> list:
-        """SIFT of every frame, in `num_threads` threads (one extractor each); results in frame order."""
-        from concurrent.futures import ThreadPoolExecutor
-        import threading
-
-        pc = self.pc
-        local = threading.local()
-
-        def one(frame: np.ndarray):
-            if not hasattr(local, "extractor"):
-                local.extractor = pc.FeatureExtractor.create(eo, pc.Device.cpu)
-            kp, desc = local.extractor.extract_from_float32_array(_luma01(frame))
-            return np.asarray(pc.keypoints_to_matrix(kp), dtype=np.float32), desc
-
-        threads = _threads(self.opts)
-        if threads == 1:
-            return [one(f) for f in frames]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(one, frames))
 
     # ---- matching ------------------------------------------------------------------------
 
@@ -284,13 +276,11 @@ class _Clip:
                 if not db.exists_two_view_geometry(ia, ib):
                     out[(a, b)] = (0, 0.0)
                     continue
-                tvg = db.read_two_view_geometry(ia, ib)
+                tvg = db.read_two_view_geometry(ia, ib)  # matches oriented as asked: (a's keypoint, b's)
                 m = np.asarray(tvg.inlier_matches)
                 if len(m) == 0:
                     out[(a, b)] = (0, 0.0)
                     continue
-                if ia > ib:
-                    m = m[:, ::-1]
                 d = np.linalg.norm(self.keypoints[a][m[:, 0]] - self.keypoints[b][m[:, 1]], axis=1)
                 out[(a, b)] = (len(m), float(np.median(d)))
         return out
@@ -470,7 +460,7 @@ def _observation_errors(rec) -> np.ndarray:
     return np.asarray(errs, dtype=np.float64) if errs else np.zeros(0)
 
 
-def _final_adjustment(clip: _Clip, rec, refine_focal: bool) -> None:
+def _final_adjustment(clip: _Clip, rec, refine_focal: bool, iterations: tuple[int, int] = BA_ITERATIONS) -> None:
     """Global BA of all frames: focal free (if asked), robust loss at the clip's noise level, outliers dropped."""
     pc = clip.pc
     opts = clip.opts
@@ -486,7 +476,7 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool) -> None:
         bao.ceres.loss_function_type = pc.LossFunctionType.CAUCHY
         bao.ceres.loss_function_scale = scale
         bao.ceres.solver_options.num_threads = _threads(opts)
-        bao.ceres.solver_options.max_num_iterations = BA_ITERATIONS[round_]
+        bao.ceres.solver_options.max_num_iterations = iterations[round_]
         bao.ceres.solver_options.function_tolerance = 1e-6
         config = pc.BundleAdjustmentConfig()
         for image_id in rec.reg_image_ids():
@@ -579,7 +569,8 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 
     candidate is replaced by the adjusted focal until it settles (a map built with a wrong focal is
     distorted, and adjustment alone cannot undo that in a flat focal/structure valley).
 
-    Candidates, in order: the view-graph calibration's focal (data-driven), the initial guess, then
+    Candidates, in order: the initial guess, the view-graph calibration's focal (from the fundamental
+    matrices; it rescues clips where the guess breaks mapping up, but can be far off on others), then
     a ladder of fields of view for clips where mapping breaks up. Only keyframes take part, so the
     tries are cheap; the other frames are registered once, afterwards.
     """
@@ -590,12 +581,16 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 
             raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
                            "translation, or too little texture)")
         return [a]
-    queue = [f for f in (_view_graph_focal(clip), f0) if f is not None]
+    queue: list = [f0, "view-graph"]  # the view-graph focal is computed only when it is needed
     queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (60.0, 45.0, 80.0, 100.0)]
     attempts: list[_Attempt] = []
     tried: list[float] = []
     while queue and len(tried) < max_attempts:
         f = queue.pop(0)
+        if f == "view-graph":
+            f = _view_graph_focal(clip)
+            if f is None:
+                continue
         if any(abs(f / t - 1.0) < 0.01 for t in tried):
             continue
         tried.append(f)
@@ -664,7 +659,7 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
         rec = _extend(clip, best.rec, keyframes)  # every other frame, focal held at the settled value
         clip.timings["registration"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _final_adjustment(clip, rec, refine_focal=refine)
+        _final_adjustment(clip, rec, refine_focal=refine, iterations=FINAL_BA_ITERATIONS)
         clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
         clip.notes.append("sfm: focal tries " + ", ".join(
             f"{a.f_fixed:.1f}->{a.f_final:.1f} ({a.num_models} model{'s' if a.num_models != 1 else ''}, "

@@ -11,10 +11,13 @@ Not run by the test suite. It prints a table (and writes results.json into --wor
   align/points/quality/write time, so both columns do the same total work.
 
 Both run on the same rendered clips (orbit path, textured room) in fresh processes, so peak memory
-(max RSS) is per worker. Trajectory error is the ATE after Sim(3) alignment, in % of the path's
-extent (for naive: over the frames its largest model registered). The depth network is a randomly
-initialised Depth Anything V2 *Small* architecture saved to a local folder (the same compute as the
-real model; no download), at --depth-input pixels (518 is the model's native size).
+(max RSS) is per worker. Times are wall seconds and CPU seconds (all threads; robust when other jobs
+share the machine); the model load is excluded (a worker loads it once). Trajectory error is the ATE
+after Sim(3) alignment, in % of the path's extent (for naive: over the frames its largest model
+registered). The depth network is a randomly initialised Depth Anything V2 *Small* architecture
+saved to a local folder (the same compute as the real model; no download), sized as transformers
+sizes its input (--depth-input 518, the model's own). For the depth stage on a GPU see
+bench_depth.py.
 
     .venv/bin/python tests/benchmarks/bench_build.py --work /tmp/fwdata-bench
     .venv/bin/python tests/benchmarks/bench_build.py --lengths 41 81 161 --naive-lengths 41 81 161
@@ -80,6 +83,27 @@ def _peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- one run (in its own process)
 
 
+class _Clock:
+    """Wall and CPU seconds (all threads of the process) of a block: `with clock("name"): ...`."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Block:
+            def __enter__(self):
+                self.t, self.c = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                clock.wall[name] = clock.wall.get(name, 0.0) + time.perf_counter() - self.t
+                clock.cpu[name] = clock.cpu.get(name, 0.0) + time.process_time() - self.c
+
+        return _Block()
+
+
 def run_ours(video: Path, T: int, H: int, W: int, model: Path, depth_input: int, out: Path) -> dict:
     """The build's own per-clip path (`process_clip`: depth in the background while COLMAP runs)."""
     import fwdata.build as build
@@ -89,27 +113,45 @@ def run_ours(video: Path, T: int, H: int, W: int, model: Path, depth_input: int,
     config = build._with_threads(build.BuildConfig(
         clips=ClipOptions(num_frames=T, height=H, width=W, stride=1),
         depth=DepthOptions(model=str(model), input_size=depth_input, batch_size=8)))
-    t0 = time.perf_counter()
-    get_estimator(config.depth)  # a worker loads its model once, before its first clip
-    load = time.perf_counter() - t0
+    clock = _Clock()
+    with clock("model_load"):
+        get_estimator(config.depth)  # a worker loads its model once, before its first clip
     captured = {}
-    run_sfm = build.run_sfm
+    run_sfm, align_depth = build.run_sfm, build.align_depth
 
-    def capture(frames, opts):
+    def capture_sfm(frames, opts):
         captured["sfm"] = run_sfm(frames, opts)
         return captured["sfm"]
 
-    build.run_sfm = capture
+    def timed_align(*a, **k):
+        with clock("align"):  # the alignment itself, after waiting for depth
+            return align_depth(*a, **k)
+
+    build.run_sfm, build.align_depth = capture_sfm, timed_align
+    steps = build.STEPS
+    build.STEPS = [(name, _timed_step(clock, name, fn) if name in ("points", "quality", "write") else fn)
+                   for name, fn in steps]
     plan = plan_video(video, config.clips).clips[0]
-    outcome = build.process_clip(plan, config, out)
+    with clock("total"):
+        outcome = build.process_clip(plan, config, out)
     if not outcome.ok:
         raise RuntimeError(f"{outcome.stage}: {outcome.reason}")
     sfm = captured["sfm"]
     gt = np.load(video.with_suffix(".npz"))
-    res = {"times": outcome.timings, "total": outcome.seconds, "model_load": load, "registered": T,
-           "sfm_detail": sfm.timings, "keyframes": len(sfm.keyframes)}
+    downstream = ("align", "points", "quality", "write")
+    res = {"times": outcome.timings, "total": clock.wall["total"], "cpu_total": clock.cpu["total"],
+           "model_load": clock.wall["model_load"], "registered": T, "sfm_detail": sfm.timings,
+           "keyframes": len(sfm.keyframes), "downstream_wall": sum(clock.wall[k] for k in downstream),
+           "downstream_cpu": sum(clock.cpu[k] for k in downstream)}
     res.update(_metrics(sfm.w2c, gt["w2c"], sfm.K[0, 0], gt["K"][0, 0]))
     return res
+
+
+def _timed_step(clock: _Clock, name: str, fn):
+    def step(job):
+        with clock(name):
+            fn(job)
+    return step
 
 
 def run_naive(video: Path, T: int, model: Path, depth_input: int) -> dict:
@@ -120,33 +162,32 @@ def run_naive(video: Path, T: int, model: Path, depth_input: int) -> dict:
     from fwdata.video import read_frames
 
     pycolmap.logging.minloglevel = 2
-    est = get_estimator(DepthOptions(model=str(model), input_size=depth_input, batch_size=1))
-    times = {}
+    clock = _Clock()
+    with clock("model_load"):
+        est = get_estimator(DepthOptions(model=str(model), input_size=depth_input, batch_size=1))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = tmp / "images"
         images.mkdir()
-        t0 = time.perf_counter()
-        for i, f in enumerate(read_frames(video)):
-            Image.fromarray(f).save(images / f"{i:06d}.png")
-        times["dump_frames"] = time.perf_counter() - t0
+        with clock("dump_frames"):
+            for i, f in enumerate(read_frames(video)):
+                Image.fromarray(f).save(images / f"{i:06d}.png")
         db = tmp / "db.db"
-        t0 = time.perf_counter()
-        pycolmap.extract_features(db, images, camera_mode=pycolmap.CameraMode.SINGLE)
-        times["features"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pycolmap.match_exhaustive(db)
-        times["matching"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        with clock("features"):
+            pycolmap.extract_features(db, images, camera_mode=pycolmap.CameraMode.SINGLE)
+        with clock("matching"):
+            pycolmap.match_exhaustive(db)
         (tmp / "sparse").mkdir()
-        recs = pycolmap.incremental_mapping(db, images, tmp / "sparse")
-        times["mapping"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for p in sorted(images.glob("*.png")):  # one frame at a time, read back from disk
-            est.predict(np.asarray(Image.open(p).convert("RGB"))[None])
-        times["depth"] = time.perf_counter() - t0
+        with clock("mapping"):
+            recs = pycolmap.incremental_mapping(db, images, tmp / "sparse")
+        with clock("depth"):
+            for p in sorted(images.glob("*.png")):  # one frame at a time, read back from disk
+                est.predict(np.asarray(Image.open(p).convert("RGB"))[None])
     gt = np.load(video.with_suffix(".npz"))
-    res = {"times": times, "total": sum(times.values()), "models": len(recs)}
+    stages = ("dump_frames", "features", "matching", "mapping", "depth")
+    res = {"times": {k: clock.wall[k] for k in stages}, "cpu": {k: clock.cpu[k] for k in stages},
+           "total": sum(clock.wall[k] for k in stages), "cpu_total": sum(clock.cpu[k] for k in stages),
+           "models": len(recs)}
     if recs:
         rec = max(recs.values(), key=lambda r: r.num_reg_images())
         idx, w2c = [], []
@@ -200,7 +241,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[41, 81, 161], help="clip lengths (4k+1) for ours")
     ap.add_argument("--naive-lengths", type=int, nargs="+", default=[41, 81], help="clip lengths for the naive recipe")
     ap.add_argument("--size", default="192x336", help="HxW of the clips")
-    ap.add_argument("--depth-input", type=int, default=266, help="shorter side fed to the depth model (518 native)")
+    ap.add_argument("--depth-input", type=int, default=518, help="depth model input size (518: the model's own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kind", default="orbit")
     ap.add_argument("--one", choices=["ours", "naive"], help=argparse.SUPPRESS)
@@ -233,32 +274,33 @@ def main() -> None:
 
 
 def print_table(rows, args) -> None:
-    print(f"\nclips {args.size}, {args.kind} path, depth input {args.depth_input}px, {os.cpu_count()} CPUs")
-    print(f"{'T':>4} {'method':>6} {'total s':>8} {'s/frame':>8} {'sfm s':>7} {'depth s':>8} {'reg':>7} "
-          f"{'ATE %':>7} {'focal %':>8} {'peak MB':>8}")
+    print(f"\nclips {args.size}, {args.kind} path, depth input {args.depth_input}px, {os.cpu_count()} CPUs. "
+          f"naive end-to-end adds the build's own align/points/quality/write time.")
+    print(f"{'T':>4} {'method':>6} {'wall s':>7} {'CPU s':>7} {'CPU s/frame':>11} {'sfm s':>7} {'depth s':>8} "
+          f"{'reg':>7} {'ATE %':>7} {'focal %':>8} {'peak MB':>8}")
     for row in rows:
         T = row["T"]
-        downstream = None
-        if "ours" in row:
-            t = row["ours"]["times"]
-            downstream = t["align"] + t["points"] + t["quality"] + t["write"]
+        ours = row.get("ours")
         for method in ("ours", "naive"):
-            if method not in row:
+            r = row.get(method)
+            if r is None:
                 continue
-            r = row[method]
             t = r["times"]
             if method == "ours":  # depth ran in the background, overlapping sfm
-                total, sfm, depth = r["total"], t["sfm"], t["depth"]
+                wall, cpu, sfm, depth = r["total"], r["cpu_total"], t["sfm"], t["depth"]
             else:
-                total = r["total"] + (downstream or 0.0)
+                wall = r["total"] + (ours["downstream_wall"] if ours else 0.0)
+                cpu = r["cpu_total"] + (ours["downstream_cpu"] if ours else 0.0)
                 sfm = t["dump_frames"] + t["features"] + t["matching"] + t["mapping"]
                 depth = t["depth"]
-            print(f"{T:>4} {method:>6} {total:>8.1f} {total / T:>8.2f} {sfm:>7.1f} {depth:>8.1f} "
+            print(f"{T:>4} {method:>6} {wall:>7.1f} {cpu:>7.1f} {cpu / T:>11.2f} {sfm:>7.1f} {depth:>8.1f} "
                   f"{r.get('registered', 0):>3}/{T:<3} {r.get('ate_pct', float('nan')):>7.3f} "
                   f"{r.get('focal_err_pct', float('nan')):>8.2f} {r['peak_rss_mb']:>8.0f}")
-        if "ours" in row and "naive" in row:
-            naive_total = row["naive"]["total"] + downstream
-            print(f"{'':>4} {'':>6} speed-up {naive_total / row['ours']['total']:.1f}x")
+        if ours and "naive" in row:
+            n = row["naive"]
+            cpu_x = (n["cpu_total"] + ours["downstream_cpu"]) / ours["cpu_total"]
+            wall_x = (n["total"] + ours["downstream_wall"]) / ours["total"]
+            print(f"{'':>4} {'':>6} speed-up: {cpu_x:.1f}x CPU time, {wall_x:.1f}x wall time")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_failures_are_recorded_and_the_rest_is_built(main_build, results):
     assert reasons["empty.mp4"] == ("probe", "file is empty")
     assert reasons["notes.mp4"][0] == "probe" and "not a readable video" in reasons["notes.mp4"][1]
     assert reasons["short.mp4"][0] == "probe" and "too short" in reasons["short.mp4"][1]
-    assert reasons["audio_only.m4a"][0] == "probe"
+    assert reasons["audio_only.m4a"] == ("probe", "no video stream (an audio-only file, or not a video)")
     meta = load_metadata(ds)
     assert {f.source.rsplit("/", 1)[-1] for f in meta.failures} == set(reasons)
     assert meta.statistics.num_failed_inputs == len(reasons) == 6

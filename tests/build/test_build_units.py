@@ -80,6 +80,25 @@ def test_plan_video_too_short_and_unreadable(tmp_path):
     assert "not a readable video" in plan_video(tmp_path / "b.mp4", ClipOptions()).error
 
 
+def test_truncated_video_fails_at_probe_with_a_reason(tmp_path):
+    import av
+
+    frames = np.random.default_rng(0).integers(0, 255, (40, 64, 96, 3), dtype=np.uint8)
+    with av.open(str(tmp_path / "full.mp4"), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    plan = plan_video(tmp_path / "cut.mp4", ClipOptions(num_frames=33, height=64, width=96, stride=1))
+    assert plan.clips == [] and plan.error.startswith("not a readable video")
+    assert "truncated" in plan.error and "video_reader" not in plan.error
+
+
 def test_portrait_sources_get_portrait_clips(tmp_path):
     _video(tmp_path / "p.mp4", n=20, h=96, w=64)
     plan = plan_video(tmp_path / "p.mp4", ClipOptions(num_frames=9, height=32, width=48, stride=1))
@@ -157,7 +176,7 @@ def test_local_model_folder_relative_and_metric(tmp_path):
         opts = DepthOptions(model=str(tmp_path / name), input_size=28)
         check_model_available(opts)
         est = DepthEstimator(opts)
-        assert est.kind == kind and est.input_shape(32, 48) == (28, 42)
+        assert est.kind == kind and est.input_shape(32, 48) == (28, 42) and est.input_shape(64, 96) == (28, 42)
         r = est.predict(frames)
         assert r.kind == kind and r.values.shape == (2, 32, 48) and np.isfinite(r.values).all()
     assert DepthEstimator(DepthOptions(model=str(tmp_path / "metric"), kind="relative")).kind == "relative"
