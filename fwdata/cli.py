@@ -151,6 +151,50 @@ def validate(
     raise typer.Exit(code)
 
 
+# --------------------------------------------------------------------------- compare
+
+
+@app.command()
+def compare(
+    dataset: Path = typer.Argument(..., help="Built dataset folder (holds metadata.json)."),
+    truth: Path = typer.Option(..., "--truth", "-t", help="Ground-truth dataset of the same videos, e.g. from "
+                                                          "`fwdata synth`."),
+    fmt: str = typer.Option("table", "--format", "-f", help="Output format: table, json (records) or csv."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
+) -> None:
+    """Measure a built dataset against ground truth: trajectory error, focal error, depth and point-map error.
+
+    Samples are matched by source video name and frames by source frame index; see docs/BUILD.md
+    ("Accuracy"). Percent columns are percentages. Never modifies either dataset. Exit codes: 0
+    compared, 2 unreadable dataset or no sample in common.
+    """
+    import pandas as pd
+
+    from fwdata.cli_common import err_console
+    from fwdata.evaluate import CompareError, compare_datasets
+
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format {fmt!r}: choose table, json or csv")
+    try:
+        df, unmatched = compare_datasets(dataset, truth)
+    except CompareError as e:
+        fail(str(e))
+    if fmt == "json":
+        text = df.to_json(orient="records", indent=1)
+    elif fmt == "csv":
+        text = df.to_csv(index=False)
+    else:  # pandas' own layout: never squeezed to the terminal width, easy to paste into notes
+        numeric = df.drop(columns=["sample", "truth", "note"]).apply(pd.to_numeric, errors="coerce")
+        text = df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}") + "\nmean: " + ", ".join(
+            f"{c} {numeric[c].mean():.3g}" for c in numeric.columns if numeric[c].notna().any())
+    if output is not None:
+        output.write_text(text + "\n")
+    else:
+        typer.echo(text)
+    for sid in unmatched:
+        err_console.print(f"no truth sample for {sid} (matched by source video name)", highlight=False)
+
+
 # --------------------------------------------------------------------------- build
 
 
