@@ -7,7 +7,7 @@
   the prediction interpolated back to the frame size).
 
 Both use the same network, a randomly initialised Depth Anything V2 Small (the same architecture and
-compute as the released model; no download), at its native input (shorter side 518). Frame content
+compute as the released model; no download), at its native input size 518 (sized as the transformers processor does). Frame content
 does not change the compute, so the frames are random. Prints one JSON line per clip length and
 a table. Not run by the test suite.
 
@@ -34,7 +34,7 @@ def make_model(folder: Path) -> None:
 
     torch.manual_seed(0)
     DepthAnythingForDepthEstimation(DepthAnythingConfig()).save_pretrained(folder)
-    try:  # the released model's preprocessing (keep aspect, shorter side 518, multiple of 14)
+    try:  # the released model's preprocessing (keep aspect, scale as little as possible to 518, multiple of 14)
         from transformers import DPTImageProcessorPil as Processor
     except ImportError:  # pragma: no cover - older transformers
         from transformers import DPTImageProcessor as Processor
