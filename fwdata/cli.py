@@ -339,6 +339,12 @@ def demo(
     built = run_demo_build(gt / "videos", dataset, console, quiet=quiet)
     if not built.metadata.samples:
         fail("the demo build produced no sample", code=1)
+    from fwdata.evaluate import compare_datasets
+
+    accuracy, _ = compare_datasets(dataset, gt)
+    console.print("  cameras against the ground truth (`fwdata compare`; the depth is random here, so only cameras):")
+    console.print(accuracy[["truth", "frames", "registered_pct", "ate_pct", "focal_err_pct", "note"]].to_string(
+        index=False, na_rep="-", float_format=lambda v: f"{v:.3g}"), markup=False, highlight=False, soft_wrap=True)
 
     console.print("[bold]3/4 validate[/]: fwdata validate on the built dataset (default gates)")
     code = validate_and_report(ValidateOptions(dataset=dataset, workers=0), ReportFormat.table, quiet=quiet,
