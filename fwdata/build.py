@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import threading
 import time
@@ -51,7 +50,16 @@ from fwdata.gates import Tolerances
 from fwdata.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.depth import model_info as depth_model_info
 from fwdata.sfm import SfmError, SfmOptions, SfmResult, run_sfm
-from fwdata.store import MARKER_DIR, SampleData, finished_records, is_finished, point_maps, write_metadata, write_sample
+from fwdata.store import (  # noqa: F401  (clean_stale_temp_files is part of this module's API)
+    MARKER_DIR,
+    SampleData,
+    clean_stale_temp_files,
+    finished_records,
+    is_finished,
+    point_maps,
+    write_metadata,
+    write_sample,
+)
 from fwdata.video import VideoError
 
 if sys.version_info >= (3, 11):
@@ -564,35 +572,6 @@ def remove_sample(out: Path, sample_id: str) -> None:
         p = out / rel
         if p.exists():
             p.unlink()
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")  # fwdata.store's temporary names: .<stem>.tmp-<pid><suffix>
-
-
-def clean_stale_temp_files(out: Path) -> int:
-    """Delete temporary files left by a build that was killed (their writer process is gone). Returns the count."""
-    removed = 0
-    for d in [out, *(out / x for x in ("videos", "depth", "points", "camera_params")), out / MARKER_DIR]:
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _TMP_NAME.match(p.name)
-            if m and p.is_file() and not _pid_alive(int(m.group(1))):
-                p.unlink(missing_ok=True)
-                removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def package_versions() -> dict[str, str]:

@@ -124,11 +124,11 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
     out.delta1_pct = 100 * float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25))
     points = load_npz(resolve_inside(built_root, record.paths.points), POINTS_NPZ, record.dims)
     gt_points = load_npz(resolve_inside(truth_root, truth.paths.points), POINTS_NPZ, truth.dims)
-    pv = points["valid"][bi] & gt_points["valid"][ti] & (gt_depth["depth"][ti] > 0)
+    pv = points["valid"][bi] & gt_points["valid"][ti] & (d_gt > 0)
     if pv.any():
         p = s * points["points"][bi][pv].astype(np.float64) @ R.T + t
         err = np.linalg.norm(p - gt_points["points"][ti][pv].astype(np.float64), axis=1)
-        out.point_err_pct = 100 * float(np.mean(err / gt_depth["depth"][ti][pv]))
+        out.point_err_pct = 100 * float(np.mean(err / d_gt[pv]))
     return out
 
 

@@ -486,9 +486,18 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool, iterations: tuple[in
         pc.ObservationManager(rec).filter_all_points3D(opts.max_reproj_error_px, 1.0)
 
 
-def _focal(rec) -> float:
-    cam = next(iter(rec.cameras.values()))
+def _camera_focal(cam) -> float:
+    """A pycolmap camera's focal length in pixels (the mean of fx and fy for two-focal models)."""
     return float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+
+
+def _focal(rec) -> float:
+    return _camera_focal(next(iter(rec.cameras.values())))
+
+
+def _no_initial_pair() -> SfmError:
+    return SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
+                    "translation, or too little texture)")
 
 
 @dataclass
@@ -531,9 +540,7 @@ def _view_graph_focal(clip: _Clip) -> Optional[float]:
     try:
         if not pc.calibrate_view_graph(str(copy), vo):
             return None
-        with pc.Database.open(str(copy)) as db:
-            cam = db.read_camera(1)
-        f = float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+        f = _focal_from_db(clip, copy)
     except Exception:
         return None
     finally:
@@ -578,8 +585,7 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 
     if not refine:
         a = _attempt(clip, keyframes, f0, refine=False)
         if a is None:
-            raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
-                           "translation, or too little texture)")
+            raise _no_initial_pair()
         return [a]
     queue: list = [f0, "view-graph"]  # the view-graph focal is computed only when it is needed
     queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (60.0, 45.0, 80.0, 100.0)]
@@ -603,8 +609,7 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 
         if _plausible(a.f_final, clip.W) and a.num_models == 1:
             queue.insert(0, a.f_final)  # map again with the focal the adjustment found
     if not attempts:
-        raise SfmError("mapping found no initial keyframe pair with enough parallax (too little camera "
-                       "translation, or too little texture)")
+        raise _no_initial_pair()
     return attempts
 
 
@@ -668,10 +673,10 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
     return result
 
 
-def _focal_from_db(clip: _Clip) -> float:
-    with clip.pc.Database.open(str(clip.db_path)) as db:
-        cam = db.read_camera(1)
-    return float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+def _focal_from_db(clip: _Clip, db_path: Optional[Path] = None) -> float:
+    """The focal length of the clip's shared camera in its database (or in the copy at `db_path`)."""
+    with clip.pc.Database.open(str(db_path or clip.db_path)) as db:
+        return _camera_focal(db.read_camera(1))
 
 
 def _result(clip: _Clip, rec, keyframes: list[int], mapped: np.ndarray, num_models: int) -> SfmResult:

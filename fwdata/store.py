@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -45,6 +46,36 @@ MARKER_DIR = ".fwdata/done"
 def _tmp_name(path: Path) -> Path:
     # keep the suffix last so libraries that pick a format from it (open3d) still work
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")  # what `_tmp_name` makes: .<stem>.tmp-<pid><suffix>
+
+
+def clean_stale_temp_files(root: Union[str, Path]) -> int:
+    """Delete temporary files left by a writer that was killed (its process is gone). Returns the count."""
+    root = Path(root)
+    removed = 0
+    for d in [root, *dataset_dirs(root), root / MARKER_DIR]:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TMP_NAME.match(p.name)
+            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_file(path: Path) -> None:
