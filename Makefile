@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.installed
 DEMO_DIR    ?= demo_out
 PYTEST_ARGS ?= -n 2
 
-.PHONY: all demo test venv sysdeps schemas clean help
+.PHONY: all demo test venv versions sysdeps schemas clean help
 
 help:
 	@echo "make demo   - build the bundled example end to end (writes $(DEMO_DIR)/)"
@@ -38,6 +38,10 @@ sysdeps:
 	else \
 		echo "open3d needs the system library libusb-1.0-0: run 'sudo apt-get install -y libusb-1.0-0' and re-run make" >&2; exit 1; \
 	fi
+
+# the resolved versions of the packages whose behaviour the dataset bytes depend on (CI prints them first)
+versions: $(STAMP)
+	@$(PY) -c "import importlib.metadata as m, platform; print('python', platform.python_version(), platform.machine()); [print(n, m.version(n)) for n in ('torch', 'av', 'decord', 'pycolmap', 'open3d', 'transformers', 'diffusers', 'numpy', 'pillow')]"
 
 demo: $(STAMP)
 	$(VENV)/bin/fwdata demo $(DEMO_DIR)

@@ -47,6 +47,7 @@ from fwdata.contract import (
     sample_paths,
 )
 from fwdata.gates import Tolerances
+from fwdata.runtime import clip_threads, init_worker
 from fwdata.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.depth import model_info as depth_model_info
 from fwdata.sfm import SfmError, SfmOptions, SfmResult, run_sfm
@@ -60,7 +61,7 @@ from fwdata.store import (  # noqa: F401  (clean_stale_temp_files is part of thi
     write_metadata,
     write_sample,
 )
-from fwdata.video import VideoError
+from fwdata.video import X264_OPTIONS, VideoError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,7 +96,11 @@ class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("", description="dataset name written to metadata.json (default: the output folder's name)")
-    workers: int = Field(1, ge=1, description="clips processed at once, each in its own process")
+    workers: int = Field(1, ge=0, description="clips processed at once, each in its own process; 0 = one per core "
+                                              "(at most the clips to build). Never changes the results")
+    threads: int = Field(1, ge=1, description="CPU threads of each clip (torch, and COLMAP when sfm.num_threads is 0). "
+                                              "The results depend on this number (fwdata.runtime): keep 1 for "
+                                              "datasets that are bit-identical across runs and machines")
     write_ply: bool = Field(True, description="write the fused, coloured .ply cloud of each clip")
     overlap_depth: bool = Field(True, description="run depth in a background thread while the cameras are solved")
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
@@ -361,7 +366,7 @@ def process_clip(plan: ClipPlan, config: BuildConfig, out: Union[str, Path]) -> 
     """Run every step on one clip. Never raises: a failing step gives a failed outcome with its stage."""
     job = ClipJob(plan=plan, config=config, out=Path(out))
     t_start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fwdata-bg") as background:
+    with clip_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="fwdata-bg") as background:
         for stage, fn in STEPS:
             if stage in BACKGROUND_STEPS and config.overlap_depth:
                 job.pending[stage] = background.submit(_timed, fn, job)
@@ -447,22 +452,6 @@ class BuildSummary:
         return 0 if self.ok else 1
 
 
-def _worker_init(threads: int) -> None:
-    """Runs once in each worker process: share the CPU fairly between workers."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except Exception:  # pragma: no cover
-        pass
-
-
-def _threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def plan_inputs(inputs: Sequence[Union[str, Path]], clips: ClipOptions) -> tuple[list[VideoPlan], list[str]]:
     """Plans of every input video (probing each), and the input paths that do not exist."""
     files, missing = find_videos(inputs)
@@ -500,7 +489,8 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
 
     outcomes: list[ClipOutcome] = []
     config = _with_threads(config)
-    if config.workers == 1 or len(todo) <= 1:
+    workers = resolve_workers(config.workers, len(todo))
+    if workers == 1:
         for plan in todo:
             o = process_clip(plan, config, out)
             _after_clip(out, o, force)
@@ -508,7 +498,7 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
             if progress:
                 progress.clip_done(o)
     else:
-        outcomes = _run_pool(todo, config, out, force, progress)
+        outcomes = _run_pool(todo, config, workers, out, force, progress)
 
     by_id = {o.sample_id: o for o in outcomes}
     for plan in clips:  # failures in input order, whatever order the workers finished in
@@ -525,22 +515,27 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
 
 
 def _with_threads(config: BuildConfig) -> BuildConfig:
-    """SfM threads: the user's choice, or (0 = auto) the cores divided between the workers."""
+    """SfM threads: the user's choice, or (0) the clip's `threads`; never derived from the machine."""
     if config.sfm.num_threads != 0:
         return config
-    sfm = config.sfm.model_copy(update={"num_threads": _threads_per_worker(config.workers)})
+    sfm = config.sfm.model_copy(update={"num_threads": config.threads})
     return config.model_copy(update={"sfm": sfm})
 
 
-def _run_pool(todo: list[ClipPlan], config: BuildConfig, out: Path, force: bool,
+def resolve_workers(workers: int, num_clips: int) -> int:
+    """Worker processes to start: `workers` (0 = one per core), at most one per clip, at least 1."""
+    n = workers if workers > 0 else (os.cpu_count() or 1)
+    return max(1, min(n, num_clips))
+
+
+def _run_pool(todo: list[ClipPlan], config: BuildConfig, workers: int, out: Path, force: bool,
               progress: Optional[BuildProgress]) -> list[ClipOutcome]:
     import multiprocessing as mp
 
-    threads = _threads_per_worker(config.workers)
     outcomes = []
     ctx = mp.get_context("spawn")  # no fork: torch and COLMAP threads do not survive fork
-    with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(config.threads,)) as pool:
         pending = {pool.submit(process_clip, plan, config, out): plan for plan in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -586,20 +581,32 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+#: options that say how a build ran, not what it made: left out of provenance, so that a dataset's
+#: bytes do not depend on them
+RUN_OPTIONS = frozenset({"workers"})
+
+
+def recorded_options(config: BuildConfig) -> dict[str, Any]:
+    """The build options written to provenance: everything that shapes the data (not `RUN_OPTIONS`)."""
+    return config.model_dump(mode="json", exclude=set(RUN_OPTIONS))
+
+
 def assemble_metadata(out: Path, config: BuildConfig, failures: list[FailedInput], command: str) -> DatasetMetadata:
     """metadata.json from the completion markers (every finished sample in `out`) and this run's failures."""
     import pycolmap
 
     records = finished_records(out)
     models = [depth_model_info(config.depth),
-              ModelInfo(role="cameras", name=f"pycolmap {config.sfm.mapper} mapping", revision=pycolmap.__version__)]
+              ModelInfo(role="cameras", name=f"pycolmap {config.sfm.mapper} mapping", revision=pycolmap.__version__),
+              ModelInfo(role="video encoding", name="libx264 " + " ".join(f"{k}={v}" for k, v in X264_OPTIONS.items()),
+                        revision=f"av {package_versions().get('av', 'unknown')}")]
     meta = DatasetMetadata(
         name=config.name or out.resolve().name,
         provenance=Provenance(
             tool_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             command=command,
-            options=config.model_dump(mode="json"),
+            options=recorded_options(config),
             models=models,
             packages=package_versions(),
         ),

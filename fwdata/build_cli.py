@@ -85,7 +85,7 @@ def overrides_from_options(**opts: Any) -> dict[str, Any]:
         "stride": ("clips", "stride"), "fps": ("clips", "fps"), "max_clips": ("clips", "max_clips_per_video"),
         "depth_model": ("depth", "model"), "depth_prior": ("depth", "prior_dir"), "device": ("depth", "device"),
         "batch_size": ("depth", "batch_size"), "mapper": ("sfm", "mapper"), "loop_detection": ("sfm", "loop_detection"),
-        "verbose": ("sfm", "verbose"), "workers": ("workers",), "write_ply": ("write_ply",), "name": ("name",),
+        "verbose": ("sfm", "verbose"), "workers": ("workers",), "threads": ("threads",), "write_ply": ("write_ply",), "name": ("name",),
         "intrinsics": ("intrinsics",),
     }
     out: dict[str, Any] = {}

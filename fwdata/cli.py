@@ -216,7 +216,12 @@ def build(
     mapper: Optional[str] = typer.Option(None, help="SfM mapper: incremental or global."),
     loop_detection: Optional[bool] = typer.Option(None, "--loop-detection/--no-loop-detection",
                                                   help="Match look-alike keyframes far apart in time."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Clips processed at once (processes)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
+                                          help="Clips processed at once (processes; 0: one per core). Never changes "
+                                               "the results."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="CPU threads per clip (default 1). The results depend on it; 1 gives "
+                                               "bit-identical datasets on every run."),
     device: Optional[str] = typer.Option(None, help="Depth model device: auto, cpu, cuda, cuda:1 ..."),
     no_ply: bool = typer.Option(False, "--no-ply", help="Skip the fused .ply clouds."),
     force: bool = typer.Option(False, "--force", help="Redo clips that are already finished."),
@@ -238,7 +243,7 @@ def build(
     overrides = overrides_from_options(
         frames=frames, height=height, width=width, stride=stride, fps=fps, max_clips=max_clips, depth_model=depth_model,
         depth_prior=depth_prior, device=device, mapper=mapper, loop_detection=loop_detection, workers=workers,
-        write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k)
+        threads=threads,        write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k)
     raise typer.Exit(run_build_command(videos, out, config, overrides, force, quiet, console, err_console))
 
 

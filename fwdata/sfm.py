@@ -85,8 +85,9 @@ class SfmOptions(BaseModel):
     min_features: int = Field(64, ge=1, description="median SIFT features per frame below this = textureless clip")
     min_motion_px: float = Field(1.0, ge=0, description="median feature motion below this everywhere = static clip")
     max_step_ratio: float = Field(10.0, gt=1, description="a camera step this many times the median step is a jump")
-    num_threads: int = Field(0, ge=-1, description="threads for matching and adjustment; 0 = the build's share "
-                                                  "of the cores (1 when run alone), -1 = all cores")
+    num_threads: int = Field(0, ge=-1, description="threads for matching and adjustment; 0 = the build's `threads` "
+                                                  "(1 when run alone), -1 = all cores. More than 1 makes the cameras "
+                                                  "differ run to run at ~1e-16 (Ceres)")
     seed: int = Field(0, ge=0, description="seed of every random choice (reproducible cameras)")
     verbose: bool = Field(False, description="show COLMAP's log")
 

@@ -74,10 +74,19 @@ def read_frames(path: Union[str, Path], indices: Sequence[int] | None = None) ->
         raise VideoError(f"{path}: decoding failed ({str(e).strip().splitlines()[0][:200]})") from None
 
 
+#: libx264 settings of every clip we write (see `write_mp4`); recorded in each sample's provenance
+X264_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": "asm=0:threads=1:lookahead-threads=1"}
+
+
 def write_mp4(path: Union[str, Path], frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> None:
     """Encode uint8 RGB frames (H, W, 3), H and W even, as H.264 (yuv420p) mp4.
 
-    Single-threaded so the same frames always give the same bytes (reruns are reproducible).
+    The same frames give the same bytes on every run and every x86-64 / arm64 CPU of one PyAV
+    build: x264 runs on one thread and without its hand-written assembly (`asm=0`). Its SIMD
+    kernels are picked by CPU at run time and some of them (rate control, macroblock tree) work in
+    floating point only to a tolerance, so with assembly the bytes vary between CPUs and were seen
+    to vary inside one process. The plain C path costs about 5x the encode time (measured in
+    docs/BUILD.md, "Determinism"), a few percent of a clip's build time, and gives the same size.
     """
     import av
     from fractions import Fraction
@@ -95,7 +104,7 @@ def write_mp4(path: Union[str, Path], frames: Iterable[np.ndarray], fps: float, 
                 stream.width, stream.height = w, h
                 stream.pix_fmt = "yuv420p"
                 stream.thread_count = 1
-                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+                stream.options = X264_OPTIONS | {"crf": str(crf)}
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         if stream is None:

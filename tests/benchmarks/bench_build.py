@@ -110,8 +110,9 @@ def run_ours(video: Path, T: int, H: int, W: int, model: Path, depth_input: int,
     from fwdata.clips import ClipOptions, plan_video
     from fwdata.depth import DepthOptions, get_estimator
 
+    # one clip on every core, as the naive recipe runs (a build of many clips uses --workers instead)
     config = build._with_threads(build.BuildConfig(
-        clips=ClipOptions(num_frames=T, height=H, width=W, stride=1),
+        threads=os.cpu_count() or 1, clips=ClipOptions(num_frames=T, height=H, width=W, stride=1),
         depth=DepthOptions(model=str(model), input_size=depth_input, batch_size=8)))
     clock = _Clock()
     with clock("model_load"):

@@ -105,7 +105,7 @@ def test_metadata_and_files_follow_the_contract(results):
     ds, _, by_kind = results
     meta = load_metadata(ds)
     assert meta.statistics.num_samples == 3 and meta.statistics.total_frames == 99
-    assert [m.role for m in meta.provenance.models] == ["depth", "cameras"]
+    assert [m.role for m in meta.provenance.models] == ["depth", "cameras", "video encoding"]
     assert meta.provenance.options["depth"]["prior_dir"]
     for rec, _ in by_kind.values():
         assert rec.scale == "normalized" and rec.depth_source.startswith("prior")
