@@ -44,7 +44,7 @@ versions: $(STAMP)
 	@$(PY) -c "import importlib.metadata as m, platform; print('python', platform.python_version(), platform.machine()); [print(n, m.version(n)) for n in ('torch', 'av', 'decord', 'pycolmap', 'open3d', 'transformers', 'diffusers', 'numpy', 'pillow')]"
 
 demo: $(STAMP)
-	$(VENV)/bin/fwdata demo $(DEMO_DIR)
+	$(VENV)/bin/fwmodel demo $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/benchmarks

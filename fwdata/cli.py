@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fwdata.cli_common import EXIT_USAGE, fail, version_callback
-from fwdata.contract import ContractError, export_schemas, json_schemas, load_metadata
+from fwdata.dataset.contract import ContractError, export_schemas, json_schemas, load_metadata
 
 app = typer.Typer(
     name="fwdata",
@@ -55,7 +55,7 @@ def synth(
     Writes OUT/videos/*.mp4 plus exact depth, point maps and cameras (metres, frame 0 = world)
     in the dataset contract. Seeded and deterministic; finished clips are skipped on rerun.
     """
-    from fwdata.synth_dataset import SynthOptions, check_options, write_synthetic_dataset
+    from fwdata.synth.dataset import SynthOptions, check_options, write_synthetic_dataset
 
     opts = SynthOptions(num_scenes=scenes, num_frames=frames, height=height, width=width, fov_w_deg=fov, fps=fps,
                         seed=seed, path_kinds=[p.strip() for p in paths.split(",") if p.strip()],
@@ -94,7 +94,7 @@ def info(
 
 
 def print_dataset_summary(dataset: Path, meta) -> None:
-    from fwdata.store import dataset_dirs
+    from fwdata.dataset.layout import dataset_dirs
 
     df = meta.to_frame()
     folders = ", ".join(f"{d.name}/ ({sum(1 for _ in d.iterdir()) if d.is_dir() else 0} files)"
@@ -138,7 +138,7 @@ def validate(
 
     Exit codes: 0 pass, 1 a check or gate failed, 2 bad options or unreadable dataset. See docs/VALIDATE.md.
     """
-    from fwdata.report import ReportFormat, validate_and_report
+    from fwdata.validate.report import ReportFormat, validate_and_report
     from fwdata.validate import UsageError, ValidateOptions
 
     if fmt not in {f.value for f in ReportFormat}:
@@ -171,7 +171,7 @@ def compare(
     import pandas as pd
 
     from fwdata.cli_common import err_console
-    from fwdata.evaluate import CompareError, compare_datasets
+    from fwdata.compare import CompareError, compare_datasets
 
     if fmt not in ("table", "json", "csv"):
         fail(f"--format {fmt!r}: choose table, json or csv")
@@ -233,7 +233,7 @@ def build(
     Exit codes: 0 every input succeeded, 1 some inputs or clips failed (the rest is written and listed in
     metadata.json), 2 bad options or preset, missing inputs, or an unavailable depth model. See docs/BUILD.md.
     """
-    from fwdata.build_cli import overrides_from_options, parse_intrinsics, run_build_command
+    from fwdata.build.cli import overrides_from_options, parse_intrinsics, run_build_command
     from fwdata.cli_common import err_console
 
     try:
@@ -309,61 +309,6 @@ def schema_check(directory: Path = typer.Argument(Path("docs/schemas"), help="Fo
         console.print(f"out of date: {', '.join(stale)}; run `fwdata schema export {directory}`")
         raise typer.Exit(1)
     console.print("schemas are up to date")
-
-
-# --------------------------------------------------------------------------- demo
-
-
-@app.command()
-def demo(
-    out: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-) -> None:
-    """The main job end to end: render clips with ground truth, build a dataset from their videos, validate it, train.
-
-    Runs offline: depth comes from `random-tiny` (a randomly initialised Depth Anything, so its depth
-    is not real and validation flags it) and training uses a tiny random Wan.
-    """
-    from fwdata.build_cli import run_demo_build
-    from fwdata.report import ReportFormat, validate_and_report
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
-    from fwdata.validate import ValidateOptions
-    from fwmodel.demo import run_training_demo
-
-    console.print("[bold]1/4 render[/]: 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
-    gt = out / "synthetic"
-    write_synthetic_dataset(gt, SynthOptions(num_scenes=4, num_frames=33, height=192, width=336),
-                            progress=None if quiet else (lambda sid: console.print(f"  {sid}")))
-    try:
-        print_dataset_summary(gt, load_metadata(gt))
-    except ContractError as e:
-        fail(str(e), code=1)
-
-    console.print("[bold]2/4 build[/]: fwdata build on the rendered videos (depth model random-tiny)")
-    dataset = out / "dataset"
-    built = run_demo_build(gt / "videos", dataset, console, quiet=quiet)
-    if not built.metadata.samples:
-        fail("the demo build produced no sample", code=1)
-    from fwdata.evaluate import compare_datasets
-
-    accuracy, _ = compare_datasets(dataset, gt)
-    console.print("  cameras against the ground truth (`fwdata compare`; the depth is random here, so only cameras):")
-    console.print(accuracy[["truth", "frames", "registered_pct", "ate_pct", "focal_err_pct", "note"]].to_string(
-        index=False, na_rep="-", float_format=lambda v: f"{v:.3g}"), markup=False, highlight=False, soft_wrap=True)
-
-    console.print("[bold]3/4 validate[/]: fwdata validate on the built dataset (default gates)")
-    code = validate_and_report(ValidateOptions(dataset=dataset, workers=0), ReportFormat.table, quiet=quiet,
-                               console=console)
-    if code == 2:
-        fail("the built dataset could not be read by validation", code=1)
-    if code == 1:
-        console.print("  (expected here: the gate refuses depth from a randomly initialised model; "
-                      "build with a real --depth-model to pass)")
-
-    console.print("[bold]4/4 train[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
-    trained = run_training_demo(out, echo=lambda m: console.print(m, markup=False, highlight=False), quiet=quiet)
-    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {dataset} "
-                  f"(validation exit {code}); Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

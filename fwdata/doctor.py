@@ -1,7 +1,9 @@
 """Environment checks behind `fwdata doctor` and `fwmodel doctor`.
 
 Each check gives one row (name, ok, detail); problems that stop the job are listed one per
-line and make the command exit 1.
+line and make the command exit 1. Only the generic checks live here (python, torch, GPUs, disk,
+packages, depth model); `fwmodel doctor` adds its model-weights check through
+`DoctorOptions.extra_checks` (fwdata does not depend on fwmodel).
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ class DoctorOptions:
     path: Path
     required_free_bytes: int = 0
     need_gpu: bool = False
-    weights: Optional[Path] = None
     depth_model: Optional[str] = None
     purpose: str = "build"
     notes: list[str] = field(default_factory=list)
+    #: checks made by the caller (e.g. fwmodel's Wan2.1 weights check), shown after the generic ones
+    extra_checks: list[Check] = field(default_factory=list)
 
 
 def package_versions() -> dict[str, str]:
@@ -129,7 +132,7 @@ def estimate_dataset_bytes(videos: Sequence[Path], num_frames: int = 81, height:
     Each clip of `num_frames` frames sampled every `stride` source frames becomes one sample of
     num_frames x height x width pixels. Unreadable videos count as zero.
     """
-    from fwdata.video import VideoError, probe
+    from fwdata.dataset.video import VideoError, probe
 
     clips = 0
     for v in videos:
@@ -160,18 +163,6 @@ def check_depth_model(name: str) -> Check:
                      "internet, or pass --depth-model with a local directory")
 
 
-def check_wan_weights(path: Optional[Path]) -> Check:
-    if path is None:
-        return Check("wan2.1 weights", False, "not configured: pass --weights PATH (diffusers directory or single file)",
-                     required=False)
-    if path.is_dir():
-        ok = (path / "config.json").is_file() or (path / "transformer").is_dir()
-        return Check("wan2.1 weights", ok, f"{path}" + ("" if ok else ": no config.json or transformer/ inside"))
-    if path.is_file():
-        return Check("wan2.1 weights", True, f"{path} ({path.stat().st_size / 1e9:.1f} GB)")
-    return Check("wan2.1 weights", False, f"{path} does not exist")
-
-
 def collect(opts: DoctorOptions) -> list[Check]:
     checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0])]
     checks += check_torch(opts.need_gpu)
@@ -179,8 +170,7 @@ def collect(opts: DoctorOptions) -> list[Check]:
     checks += check_packages()
     if opts.depth_model:
         checks.append(check_depth_model(opts.depth_model))
-    if opts.purpose == "train":
-        checks.append(check_wan_weights(opts.weights))
+    checks += opts.extra_checks
     return checks
 
 

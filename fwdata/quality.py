@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-from fwdata import camera
+from fwdata.dataset import camera
 
 
 def frame_pairs(num_frames: int, gaps: Sequence[int] = (1, 4), max_pairs: int = 32) -> list[tuple[int, int]]:
@@ -67,6 +68,23 @@ def depth_agreement(depth_a: np.ndarray, valid_a: np.ndarray, K_a: np.ndarray, w
     """
     points_a = _strided_points(depth_a, valid_a, K_a, stride)  # only the pixels compared are warped
     return _agreement(points_a, w2c_a, depth_b, valid_b, K_b, w2c_b, rel_tol)
+
+
+class MultiviewSettings(BaseModel):
+    """How `multiview_consistency` is measured. The build records them beside the value
+    (`QualityMetrics.multiview_settings`), so validation recomputes it the same way whatever the
+    tolerances of its gate file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rel_tol: float = Field(0.05, gt=0, description="depth agreement tolerance, relative")
+    stride: int = Field(2, ge=1, description="every stride-th pixel is warped")
+    max_pairs: int = Field(16, ge=1, description="frame pairs (gaps 1 and 4, spread over the clip)")
+
+    def measure(self, depth: np.ndarray, valid: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> Optional[float]:
+        """`multiview_consistency` with these settings."""
+        return multiview_consistency(depth, valid, K, w2c, rel_tol=self.rel_tol, stride=self.stride,
+                                     max_pairs=self.max_pairs)
 
 
 def multiview_consistency(depth: np.ndarray, valid: np.ndarray, K: np.ndarray, w2c: np.ndarray,

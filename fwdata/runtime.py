@@ -1,4 +1,4 @@
-"""How work runs on this machine: CPU threads per clip and per worker process.
+"""How work runs on this machine: CPU threads per clip, and the one worker pool of build and validate.
 
 A dataset's bytes must depend only on its inputs and options, never on ``--workers``, the core
 count, or whether a clip ran in the main process or in a worker. Two libraries we use give results
@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar, Union
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: environment variables read by the BLAS / OpenMP pools when they start (worker processes only:
 #: in a running process those pools already exist)
@@ -56,3 +64,161 @@ def _set_torch_threads(threads: int):
     if previous != threads:
         torch.set_num_threads(threads)
     return previous
+
+
+# --------------------------------------------------------------------------- one worker pool
+
+
+class WorkerDied(RuntimeError):
+    """The worker process running a task died (killed, out of memory, a native crash), twice."""
+
+
+@contextlib.contextmanager
+def _worker_env(threads: int) -> Iterator[None]:
+    """Thread variables for the workers about to be spawned (they read them when their BLAS starts)."""
+    saved = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
+    os.environ.update({k: str(threads) for k in THREAD_ENV_VARS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, threads: int = 1,
+                     ordered: bool = False) -> Iterator[tuple[T, Optional[R], Optional[BaseException]]]:
+    """Run `fn(item)` for every item in `workers` spawned processes; yield (item, result, error).
+
+    - spawn, never fork: torch and COLMAP threads do not survive a fork;
+    - every worker runs on `threads` CPU threads (`init_worker`), whatever the machine;
+    - a bounded window (2 tasks per worker) is in flight, so neither tasks nor results pile up;
+    - crash isolation: when a worker dies, every task that was in flight is run again alone in a
+      fresh process, so only a task that kills its process again gets a `WorkerDied` error;
+    - `ordered`: results in the order of `items` (else as they finish).
+
+    An exception raised by `fn` comes back as the error of its item; the pool goes on.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = max(1, min(workers, len(items)))
+
+    def new_pool() -> ProcessPoolExecutor:
+        with _worker_env(threads):
+            return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                                       initargs=(threads,))
+
+    def alone(item: T) -> tuple[Optional[R], Optional[BaseException]]:
+        with _worker_env(threads), ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=init_worker,
+                                                       initargs=(threads,)) as one:
+            try:
+                return one.submit(fn, item).result(), None
+            except BrokenProcessPool:
+                return None, WorkerDied("the worker process died (killed, out of memory, or a native crash)")
+            except Exception as e:
+                return None, e
+
+    pool = new_pool()
+    pending: deque = deque()  # (item, future) in submission order
+    todo = iter(items)
+    try:
+        while True:
+            while len(pending) < 2 * workers:
+                item = next(todo, _END)
+                if item is _END:
+                    break
+                pending.append((item, pool.submit(fn, item)))
+            if not pending:
+                return
+            if ordered:
+                finished = [pending[0]]
+                wait([pending[0][1]])
+            else:
+                done, _ = wait([f for _, f in pending], return_when=FIRST_COMPLETED)
+                finished = [(i, f) for i, f in pending if f in done]
+            if any(isinstance(f.exception(), BrokenProcessPool) for _, f in finished):
+                # a worker died: what finished before is kept, everything else in flight runs alone
+                pool.shutdown(wait=False, cancel_futures=True)
+                for item, fut in list(pending):
+                    if fut.done() and not fut.cancelled() and not isinstance(fut.exception(), BrokenProcessPool):
+                        yield (item, fut.result(), None) if fut.exception() is None else (item, None, fut.exception())
+                    else:
+                        yield (item, *alone(item))
+                pending.clear()
+                pool = new_pool()
+                continue
+            for pair in finished:
+                pending.remove(pair)
+                item, fut = pair
+                err = fut.exception()
+                yield (item, None, err) if err is not None else (item, fut.result(), None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
+
+
+# --------------------------------------------------------------------------- configuration files
+
+
+class ConfigFileError(ValueError):
+    """A configuration (TOML file or override) that cannot be read or is not valid; one line."""
+
+
+M = TypeVar("M")
+
+
+def pydantic_one_line(e: "ValidationError", where: str = "") -> str:
+    """The first error of a pydantic ValidationError as one line: `where: a.b: message (and N more)`."""
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    prefix = f"{where}: " if where else ""
+    return f"{prefix}{loc + ': ' if loc else ''}{first['msg']}{more}"
+
+
+def read_toml(path: Union[str, Path], error: type[ConfigFileError] = ConfigFileError, missing_hint: str = "") -> dict:
+    """The tables of a TOML file; `error` naming the file when it is missing, unreadable or not TOML."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file{' (' + missing_hint + ')' if missing_hint else ''}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid TOML ({e})") from None
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    """`base` with `new` merged in, nested tables merged key by key (a copy; neither is changed)."""
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config_file(model: type[M], path: Union[str, Path, None] = None, overrides: Optional[dict] = None,
+                     error: type[ConfigFileError] = ConfigFileError, missing_hint: str = "",
+                     defaults: Optional[dict] = None) -> M:
+    """A pydantic config from a TOML file (optional), `defaults` under it and nested `overrides` over it.
+
+    The one loader of build presets, gate files and training recipes: unknown keys are rejected by
+    the models (``extra = "forbid"``), and every error is one line naming the file and the key.
+    """
+    from pydantic import ValidationError
+
+    data = dict(defaults or {})
+    if path is not None:
+        data = deep_update(data, read_toml(path, error, missing_hint))
+    data = deep_update(data, overrides or {})
+    try:
+        return model.model_validate(data)  # type: ignore[attr-defined]
+    except ValidationError as e:
+        raise error(pydantic_one_line(e, str(path) if path is not None else "")) from None

@@ -18,7 +18,8 @@ f = F, h = Hl/2, w = Wl/2, L = f*h*w tokens, D model width):
     latents [B, C_in, F, Hl, Wl] -> tokens [B, L, D] -> blocks -> tokens [B, L, D] -> velocity [B, 16, F, Hl, Wl]
 
 Loading real weights: `load_wan_transformer` reads a local diffusers-format directory or one
-original-format `.safetensors` file.
+original-format `.safetensors` file, after `check_wan_weights` (the same check `fwmodel doctor`
+runs) has validated the path without reading tensor data.
 """
 
 from __future__ import annotations
@@ -220,6 +221,156 @@ def _download_hint(hub_id: Optional[str], path: Path) -> str:
     return "pass a local diffusers-format directory or an original-format .safetensors file"
 
 
+#: what diffusers' `from_pretrained` reads in a model folder (sharded: the index and its shards)
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@dataclass
+class WanWeights:
+    """Wan2.1 weights that passed `check_wan_weights`: what `load_wan_transformer` will read."""
+
+    path: Path
+    subfolder: Optional[str]  # "transformer" for a repository root, None otherwise
+    files: list[Path]  # the .safetensors files (one, or the shards of an index)
+
+    @property
+    def single_file(self) -> bool:
+        return not self.path.is_dir()
+
+    def describe(self) -> str:
+        size = sum(f.stat().st_size for f in self.files) / 1e9
+        kind = "single .safetensors file" if self.single_file else (
+            "diffusers directory" + (f" ({self.subfolder}/)" if self.subfolder else "")
+            + f", {len(self.files)} safetensors file(s)")
+        return f"{self.path}: {kind}, {size:.2f} GB"
+
+
+def check_wan_weights(path: str | Path, cfg: WanConfig, hub_id: Optional[str] = None) -> WanWeights:
+    """Every check `load_wan_transformer` makes before it reads tensor data; loads no weights.
+
+    The one validation of Wan2.1 weights: training calls it through `load_wan_transformer` and
+    `fwmodel doctor --weights` calls it directly, so both accept the same paths. Checks that the
+    path exists; for a directory, that it is diffusers-format (`transformer/config.json` or
+    `config.json`), that its config matches `cfg`, and that its weights are safetensors (one file,
+    or an index whose shards all exist); for a file, that it is `.safetensors` (pickle files are
+    never opened). Every safetensors header must parse and cover its whole file (catches truncated
+    and non-safetensors files), and the tensors it lists (renamed from the original Wan layout the
+    way diffusers' `from_single_file` does) must include every backbone tensor with the shape the
+    model expects: diffusers would otherwise leave the missing ones randomly initialised.
+    Raises BackboneWeightsError naming the path and what to do.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BackboneWeightsError(f"Wan2.1 weights not found at {path}: {_download_hint(hub_id, path)}.")
+
+    if not path.is_dir():
+        if path.suffix != ".safetensors":
+            raise BackboneWeightsError(
+                f"{path}: only .safetensors weight files are loaded (pickle files are never opened); "
+                "convert it to safetensors or pass a diffusers-format directory."
+            )
+        found = _read_safetensors_header(path, path, hub_id)
+        expected = _expected_shapes(cfg.diffusers_kwargs())  # the config load_wan_transformer gives diffusers
+        if set(found) != set(expected):  # original Wan names: convert as from_single_file does
+            found = _original_to_diffusers_shapes(found)
+        _check_tensors(found, expected, path, hub_id)
+        return WanWeights(path, None, [path])
+
+    subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
+    folder = path / (subfolder or "")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise BackboneWeightsError(
+            f"{path} is not a diffusers-format Wan2.1 directory (no transformer/config.json or "
+            f"config.json): {_download_hint(hub_id, path)}."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise BackboneWeightsError(
+            f"{config_file} is not readable JSON ({err}): {_download_hint(hub_id, path)}."
+        ) from err
+    if not isinstance(config, dict):
+        raise BackboneWeightsError(f"{config_file} is not a diffusers config (not a JSON object).")
+    _check_matches_preset(config, cfg, path)
+
+    index = folder / _DIFFUSERS_INDEX
+    if index.is_file():  # diffusers prefers the index when both are present
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise BackboneWeightsError(
+                f"{index} is not a readable weights index ({type(err).__name__}: {err}): {_download_hint(hub_id, path)}."
+            ) from err
+        files = [folder / name for name in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing or not files:
+            raise BackboneWeightsError(
+                f"{path}: the weights index names shards that are missing ({', '.join(missing) or 'none listed'}): "
+                f"the download is incomplete; {_download_hint(hub_id, path)}."
+            )
+    elif (folder / _DIFFUSERS_WEIGHTS).is_file():
+        files = [folder / _DIFFUSERS_WEIGHTS]
+    else:
+        pickles = sorted(f.name for f in folder.glob("*.bin"))
+        what = (f"only pickle weights ({', '.join(pickles)}), which are never opened" if pickles
+                else f"no {_DIFFUSERS_WEIGHTS} (or {_DIFFUSERS_INDEX})")
+        raise BackboneWeightsError(f"{folder} has {what}: {_download_hint(hub_id, path)}.")
+    found = {}
+    for f in files:
+        found.update(_read_safetensors_header(f, path, hub_id))
+    _check_tensors(found, _expected_shapes(config), path, hub_id)  # from_pretrained builds from config.json
+    return WanWeights(path, subfolder, files)
+
+
+def _read_safetensors_header(file: Path, path: Path, hub_id: Optional[str]) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the header only (memory-mapped, no tensor data read)."""
+    from safetensors import safe_open
+
+    try:  # safetensors refuses headers that do not cover the whole file (truncated downloads)
+        with safe_open(str(file), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as err:  # SafetensorError (truncated, not safetensors) or OSError
+        raise BackboneWeightsError(
+            f"could not load Wan2.1 weights from {file} ({type(err).__name__}: {err}); check the files are "
+            f"complete and match the preset, or {_download_hint(hub_id, path)}."
+        ) from err
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the state dict diffusers builds from `config` (on the meta device: no memory)."""
+    WanTransformer3DModel, _ = _wan_classes()
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _original_to_diffusers_shapes(found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Rename original-format Wan tensors with diffusers' own single-file conversion (on meta tensors)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    checkpoint = {name: torch.empty(shape, device="meta") for name, shape in found.items()}
+    return {name: tuple(t.shape) for name, t in convert_wan_transformer_to_diffusers(checkpoint).items()}
+
+
+def _check_tensors(found: dict, expected: dict, path: Path, hub_id: Optional[str]) -> None:
+    """Every expected tensor present with its shape (extra tensors are ignored, as diffusers does)."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise BackboneWeightsError(
+            f"{path} does not hold the Wan2.1 backbone for this preset: {len(missing)} of its {len(expected)} "
+            f"tensors are missing (e.g. {', '.join(missing[:3])}); {_download_hint(hub_id, path)}."
+        )
+    wrong = [(k, found[k], expected[k]) for k in sorted(expected) if tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        detail = ", ".join(f"{k}: file {list(got)} vs preset {list(want)}" for k, got, want in wrong[:3])
+        raise BackboneWeightsError(
+            f"the Wan2.1 weights at {path} do not match the model preset ({len(wrong)} tensors of another "
+            f"shape, e.g. {detail}); pick the preset that matches these weights, or the weights that match the preset."
+        )
+
+
 def load_wan_transformer(
     path: str | Path, cfg: WanConfig, hub_id: Optional[str] = None, dtype: Optional[torch.dtype] = None
 ) -> nn.Module:
@@ -228,32 +379,16 @@ def load_wan_transformer(
     `path` is either a diffusers-format directory (the repository root with `transformer/`, or the
     `transformer/` folder itself) or one original-format `.safetensors` file (loaded with diffusers'
     `from_single_file`, offline, with the config taken from `cfg`). Pickle files are refused.
+    `check_wan_weights` validates the path first (the same check `fwmodel doctor` runs).
     Raises BackboneWeightsError naming the path and what to do.
     """
+    weights = check_wan_weights(path, cfg, hub_id)
+    path = weights.path
     WanTransformer3DModel, _ = _wan_classes()
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise BackboneWeightsError(f"Wan2.1 weights not found at {path}: {_download_hint(hub_id, path)}.")
-
-    if path.is_dir():
-        subfolder = "transformer" if (path / "transformer" / "config.json").is_file() else None
-        config_file = path / (subfolder or "") / "config.json"
-        if not config_file.is_file():
-            raise BackboneWeightsError(
-                f"{path} is not a diffusers-format Wan2.1 directory (no transformer/config.json or "
-                f"config.json): {_download_hint(hub_id, path)}."
-            )
-        _check_matches_preset(json.loads(config_file.read_text()), cfg, path)
-    elif path.suffix != ".safetensors":
-        raise BackboneWeightsError(
-            f"{path}: only .safetensors weight files are loaded (pickle files are never opened); "
-            "convert it to safetensors or pass a diffusers-format directory."
-        )
-
     try:
-        if path.is_dir():
+        if not weights.single_file:
             model = WanTransformer3DModel.from_pretrained(
-                path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+                path, subfolder=weights.subfolder, torch_dtype=dtype, local_files_only=True, use_safetensors=True
             )
         else:
             with tempfile.TemporaryDirectory() as config_dir:

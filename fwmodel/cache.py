@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fwdata import __version__
-from fwdata.contract import SampleRecord
+from fwdata.dataset.contract import SampleRecord
 from fwmodel.config import WAN_TEXT_LEN
 from fwmodel.data import (
     ClipSpec,

@@ -1,4 +1,4 @@
-"""`fwmodel` command line: environment check, model verification, training."""
+"""`fwmodel` command line: environment check, model verification, training, the end-to-end demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import typer
 
 from fwdata import __version__
 from fwdata.cli_common import fail, version_callback
-from fwdata.doctor import DoctorOptions, run_doctor
 
 app = typer.Typer(
     name="fwmodel",
@@ -32,20 +31,28 @@ def main(
 @app.command()
 def doctor(
     output: Path = typer.Option(Path("outputs"), help="Where checkpoints and logs will be written."),
-    weights: Optional[Path] = typer.Option(
-        None, "--weights", help="Wan2.1 weights: a local diffusers-format directory or a single file."
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="Wan2.1 weights (as `fwmodel train --weights`): a local diffusers-format directory "
+        "or a single .safetensors file."
+    ),
+    preset: str = typer.Option(
+        "wan2.1-t2v-1.3b", "--preset", help="Model preset the weights must match (as `fwmodel train --preset`)."
     ),
     need_gpu: bool = typer.Option(False, "--need-gpu", help="Treat a missing GPU as a problem."),
     min_free_gb: float = typer.Option(50.0, help="Free disk required at OUTPUT, in GB."),
 ) -> None:
-    """Check torch, GPUs, disk space, key packages and model weights for training.
+    """Check torch, GPUs, disk space, key packages and the Wan2.1 weights for training.
 
-    Exits 1 with one line per problem when something required is missing.
+    The weights pass exactly when `fwmodel train` would accept them for PRESET (the same check runs
+    before training loads them). Exits 1 with one line per problem when something required is missing.
     """
-    opts = DoctorOptions(
-        path=output, required_free_bytes=int(min_free_gb * 1e9), need_gpu=need_gpu, weights=weights, purpose="train"
-    )
-    raise typer.Exit(run_doctor(opts))
+    from fwmodel.config import PRESET_NAMES
+    from fwmodel.doctor import run_training_doctor
+
+    if preset not in PRESET_NAMES:
+        fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    raise typer.Exit(run_training_doctor(output, weights, preset, need_gpu=need_gpu,
+                                         required_free_bytes=int(min_free_gb * 1e9)))
 
 
 @app.command()
@@ -250,6 +257,60 @@ def bench(
     except ValueError as err:
         fail(str(err))
     typer.echo(result.model_dump_json(indent=2) if format == "json" else render(result))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """The main job end to end: render clips with ground truth, build a dataset from their videos, validate it, train.
+
+    Runs offline: depth comes from `random-tiny` (a randomly initialised Depth Anything, so its depth
+    is not real and validation flags it) and training uses a tiny random Wan. What `make demo` runs.
+    """
+    from fwdata.build.cli import run_demo_build
+    from fwdata.cli import console, print_dataset_summary
+    from fwdata.compare import compare_datasets
+    from fwdata.dataset.contract import ContractError, load_metadata
+    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.validate import ValidateOptions
+    from fwdata.validate.report import ReportFormat, validate_and_report
+    from fwmodel.demo import run_training_demo
+
+    console.print("[bold]1/4 render[/]: 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
+    gt = out / "synthetic"
+    write_synthetic_dataset(gt, SynthOptions(num_scenes=4, num_frames=33, height=192, width=336),
+                            progress=None if quiet else (lambda sid: console.print(f"  {sid}")))
+    try:
+        print_dataset_summary(gt, load_metadata(gt))
+    except ContractError as e:
+        fail(str(e), code=1)
+
+    console.print("[bold]2/4 build[/]: fwdata build on the rendered videos (depth model random-tiny)")
+    dataset = out / "dataset"
+    built = run_demo_build(gt / "videos", dataset, console, quiet=quiet)
+    if not built.metadata.samples:
+        fail("the demo build produced no sample", code=1)
+
+    accuracy, _ = compare_datasets(dataset, gt)
+    console.print("  cameras against the ground truth (`fwdata compare`; the depth is random here, so only cameras):")
+    console.print(accuracy[["truth", "frames", "registered_pct", "ate_pct", "focal_err_pct", "note"]].to_string(
+        index=False, na_rep="-", float_format=lambda v: f"{v:.3g}"), markup=False, highlight=False, soft_wrap=True)
+
+    console.print("[bold]3/4 validate[/]: fwdata validate on the built dataset (default gates)")
+    code = validate_and_report(ValidateOptions(dataset=dataset, workers=0), ReportFormat.table, quiet=quiet,
+                               console=console)
+    if code == 2:
+        fail("the built dataset could not be read by validation", code=1)
+    if code == 1:
+        console.print("  (expected here: the gate refuses depth from a randomly initialised model; "
+                      "build with a real --depth-model to pass)")
+
+    console.print("[bold]4/4 train[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
+    trained = run_training_demo(out, echo=lambda m: console.print(m, markup=False, highlight=False), quiet=quiet)
+    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {dataset} "
+                  f"(validation exit {code}); Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
 
 
 if __name__ == "__main__":  # pragma: no cover  (torchrun -m fwmodel.cli train ...)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset, Sampler
 
-from fwdata import camera as cam
-from fwdata.contract import (
+from fwdata.dataset import camera as cam
+from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
     ContractError,
@@ -241,7 +241,7 @@ class ResizePlan:
 
 def load_frames(root: Path, record: SampleRecord, indices: Sequence[int], plan: ResizePlan) -> torch.Tensor:
     """RGB frames of the clip at `indices`, resized: [3, T, H, W] float32 in [-1, 1]."""
-    from fwdata.video import VideoError, read_frames
+    from fwdata.dataset.video import VideoError, read_frames
 
     try:
         frames = read_frames(resolve_inside(root, record.paths.video), list(indices))  # [T, Hs, Ws, 3] uint8
@@ -379,7 +379,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 
 def plucker_for_batch(w2c: torch.Tensor, K: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Plucker rays [B, T, H, W, 6] from w2c [B, T, 4, 4] and K [B, T, 3, 3] (same as fwdata.camera.plucker_rays)."""
+    """Plucker rays [B, T, H, W, 6] from w2c [B, T, 4, 4] and K [B, T, 3, 3] (same as fwdata.dataset.camera.plucker_rays)."""
     from fwmodel.pose import plucker_rays
 
     return plucker_rays(K, torch.linalg.inv(w2c), height, width)

@@ -1,4 +1,4 @@
-"""The training part of `make demo` (`fwdata demo`): tiny Stage 1, then Stage 2 from its checkpoint.
+"""The training part of `make demo` (`fwmodel demo`): tiny Stage 1, then Stage 2 from its checkpoint.
 
 Renders a small synthetic dataset (2 rooms, 9 frames, 64x96, true depth and cameras), writes tiny
 random encoders, caches latents and text with the real `fwmodel cache` code, and runs the tiny
@@ -18,7 +18,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "pipelines" / "train"
 
 def run_training_demo(out: Path, echo: Callable[[str], None] = print, quiet: bool = False) -> dict:
     """Train both stages on the tiny preset under `out`; returns the final checkpoint paths."""
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
     from fwmodel.cache import CacheOptions, build_cache, write_tiny_encoders
     from fwmodel.train import load_config, train
 

@@ -1,6 +1,6 @@
 """Camera maths in torch, for the model side: the 9-d pose encoding and Plucker rays.
 
-Same conventions as `fwdata.camera` (the numpy source of truth; tests check they agree):
+Same conventions as `fwdata.dataset.camera` (the numpy source of truth; tests check they agree):
 OpenCV axes, w2c extrinsics, pixel centres at +0.5, encoding `[t(3), q_xyzw(4), fov_h, fov_w]` with
 `t`, `q` from the w2c matrix (w >= 0) and `fov_h = 2 atan(H / (2 fy))`, `fov_w = 2 atan(W / (2 fx))`;
 decoding puts the principal point at (W/2, H/2).

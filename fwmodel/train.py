@@ -53,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fwdata import __version__
+from fwdata.runtime import ConfigFileError, load_config_file
 from fwmodel.checkpoint import load_trainable, read_checkpoint_header, save_trainable
 from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
 from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
@@ -63,7 +64,7 @@ from fwmodel.stages import TRAINED_PARTS, set_trainable, trainable_module_names
 STATE_FORMAT = "fwmodel-train-state"
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigFileError):
     """A training config that cannot be used; the message names the field."""
 
 
@@ -186,15 +187,6 @@ def _parse_value(text: str) -> Any:
 def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
                 sets: Optional[list[str]] = None) -> TrainConfig:
     """TOML file (optional) + `--set section.key=value` strings + explicit overrides {"section.key": value}."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (the recipes are in pipelines/train/)")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from None
     items: list[tuple[str, Any]] = []
     for s in sets or []:
         if "=" not in s:
@@ -202,18 +194,14 @@ def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]]
         key, value = s.split("=", 1)
         items.append((key.strip(), _parse_value(value.strip())))
     items += [(k, v) for k, v in (overrides or {}).items() if v is not None]
+    nested: dict = {}
     for key, value in items:
         parts = key.split(".")
         if len(parts) != 2:
             raise ConfigError(f"override {key!r}: expected section.key, e.g. optim.lr")
-        raw.setdefault(parts[0], {})[parts[1]] = value
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise ConfigError(f"config {path or ''} {where}: {first['msg']}{more}".replace("  ", " ")) from None
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return load_config_file(TrainConfig, path, nested, error=ConfigError,
+                            missing_hint="the recipes are in pipelines/train/")
 
 
 def config_toml(cfg: TrainConfig) -> str:

@@ -54,7 +54,7 @@ def test_doctor_disk_check_fails_when_the_estimate_exceeds_free_space(tmp_path):
 def test_disk_estimate_grows_with_the_inputs(tmp_path):
     import numpy as np
 
-    from fwdata.video import write_mp4
+    from fwdata.dataset.video import write_mp4
 
     v = tmp_path / "v.mp4"
     write_mp4(v, np.zeros((20, 32, 64, 3), np.uint8), fps=10)
@@ -66,7 +66,8 @@ def test_disk_estimate_grows_with_the_inputs(tmp_path):
 
 def test_fwmodel_doctor_names_missing_weights(tmp_path):
     r = runner.invoke(fwmodel_app, ["doctor", "--output", str(tmp_path), "--weights", str(tmp_path / "wan")])
-    assert "wan2.1 weights" in r.output and "does not exist" in r.output
+    problems = [line for line in r.output.splitlines() if line.startswith("PROBLEM wan2.1 weights")]
+    assert r.exit_code == 1 and len(problems) == 1 and "not found at" in problems[0], r.output
 
 
 def test_schema_check_detects_drift(tmp_path):

@@ -5,7 +5,7 @@ It renders `--scenes` clips (`fwdata synth`: textured rooms, 60 degree horizonta
 seed i and the path kinds take turns), writes each clip's depth prior (ground-truth inverse depth
 times 3.7 plus 0.25, with 1 % per-pixel noise: an unknown scale and shift, as a relative depth
 model gives), builds the videos with the default preset at the renders' size, and measures the
-result with `fwdata compare` (fwdata.evaluate). Prints every clip, then the mean and worst per
+result with `fwdata compare` (fwdata.compare). Prints every clip, then the mean and worst per
 kind, and writes results.csv into --work.
 
     .venv/bin/python tests/benchmarks/bench_accuracy.py --scenes 9 --frames 49
@@ -37,10 +37,10 @@ def main() -> None:
     import pandas as pd
 
     from conftest import kind_of, write_prior  # the build tests' prior distortion, one definition
-    from fwdata.build import build_dataset, load_config
-    from fwdata.contract import load_metadata
-    from fwdata.evaluate import compare_datasets
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.build.pipeline import build_dataset, load_config
+    from fwdata.dataset.contract import load_metadata
+    from fwdata.compare import compare_datasets
+    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
 
     H, W = (int(x) for x in args.size.split("x"))
     work = Path(args.work)

@@ -2,7 +2,7 @@
 
 Not run by the test suite. It prints a table (and writes results.json into --work):
 
-- ours: one clip through the build (`fwdata.build.process_clip`: decode, then depth in a background
+- ours: one clip through the build (`fwdata.build.pipeline.process_clip`: decode, then depth in a background
   thread while the cameras are solved, then align, points, quality, write), as one worker runs it:
   frames in memory, keyframe mapping, batched depth;
 - naive: what users do today: every frame dumped to PNG files, COLMAP feature extraction on the
@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 def render(work: Path, T: int, H: int, W: int, seed: int, kind: str) -> Path:
     """A synthetic clip as an mp4 + its ground truth (npz), cached in `work`."""
-    from fwdata import camera, synth
-    from fwdata.video import write_mp4
+    from fwdata.synth import render as synth
+    from fwdata.dataset import camera
+    from fwdata.dataset.video import write_mp4
 
     out = work / "clips" / f"{kind}_s{seed}_{T}_{H}x{W}.mp4"
     gt = out.with_suffix(".npz")
@@ -70,7 +71,7 @@ def depth_model_dir(work: Path) -> Path:
 
 
 def _metrics(est_w2c: np.ndarray, gt_w2c: np.ndarray, f_est: float, f_gt: float) -> dict:
-    from fwdata import camera
+    from fwdata.dataset import camera
 
     m = camera.trajectory_metrics(est_w2c, gt_w2c)
     return {"ate_pct": 100 * m["ate_rel"], "focal_err_pct": 100 * (f_est / f_gt - 1)}
@@ -106,9 +107,9 @@ class _Clock:
 
 def run_ours(video: Path, T: int, H: int, W: int, model: Path, depth_input: int, out: Path) -> dict:
     """The build's own per-clip path (`process_clip`: depth in the background while COLMAP runs)."""
-    import fwdata.build as build
-    from fwdata.clips import ClipOptions, plan_video
-    from fwdata.depth import DepthOptions, get_estimator
+    import fwdata.build.pipeline as build
+    from fwdata.build.clips import ClipOptions, plan_video
+    from fwdata.build.depth import DepthOptions, get_estimator
 
     # one clip on every core, as the naive recipe runs (a build of many clips uses --workers instead)
     config = build._with_threads(build.BuildConfig(
@@ -159,8 +160,8 @@ def run_naive(video: Path, T: int, model: Path, depth_input: int) -> dict:
     import pycolmap
     from PIL import Image
 
-    from fwdata.depth import DepthOptions, get_estimator
-    from fwdata.video import read_frames
+    from fwdata.build.depth import DepthOptions, get_estimator
+    from fwdata.dataset.video import read_frames
 
     pycolmap.logging.minloglevel = 2
     clock = _Clock()

@@ -1,6 +1,6 @@
 """Depth stage alone: the build's batched estimator against the per-frame recipe, on GPU when there is one.
 
-- ours: `fwdata.depth.DepthEstimator`: frames already in memory (decoded once for the clip), resized
+- ours: `fwdata.build.depth.DepthEstimator`: frames already in memory (decoded once for the clip), resized
   and normalised on the device in batches of --batch, one forward pass per batch;
 - naive: what users do today: frames saved as PNG files, then the `transformers` depth-estimation
   pipeline called on each file (PIL loading and preprocessing on the CPU, one forward pass per frame,
@@ -55,7 +55,7 @@ def run(T: int, H: int, W: int, model: Path, batch: int, dtype: str) -> dict:
     from PIL import Image
     from transformers import pipeline
 
-    from fwdata.depth import DepthOptions, get_estimator
+    from fwdata.build.depth import DepthOptions, get_estimator
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (T, H, W, 3), dtype=np.uint8)

@@ -4,7 +4,7 @@
 
 For each video (default: a rendered 81-frame 336x592 clip and the real clips in shared/data/real,
 cropped and resized to 336x592 as a build does), encodes the clip's frames with the settings
-`fwdata build` uses (`fwdata.video.X264_OPTIONS`, `asm=0`) and with x264's default assembly
+`fwdata build` uses (`fwdata.dataset.video.X264_OPTIONS`, `asm=0`) and with x264's default assembly
 (the baseline, what a plain PyAV/ffmpeg script does), three times each, and prints the encode time
 (best of three), the file size, PSNR of the decoded clip against its frames, and whether repeated
 encodes gave identical bytes.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdata import video
-from fwdata.clips import crop_and_scale, resize_frame
+from fwdata.dataset import video
+from fwdata.build.clips import crop_and_scale, resize_frame
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 H, W, T = 336, 592, 81
@@ -34,7 +34,7 @@ def clip_frames(path: Path) -> np.ndarray:
 
 
 def rendered_clip() -> np.ndarray:
-    from fwdata import synth
+    from fwdata.synth import render as synth
 
     clip = synth.make_clip(0, "orbit", num_frames=T, height=H, width=W)
     return clip.frames

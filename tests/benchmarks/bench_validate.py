@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdata.contract import load_metadata, make_sample_id, read_camera_json, read_camera_txt, sample_paths
-from fwdata.gates import GateConfig
-from fwdata.validate import ValidateOptions, read_ply_xyz, validate_dataset
-from fwdata.video import read_video
+from fwdata.dataset.contract import load_metadata, make_sample_id, read_camera_json, read_camera_txt, sample_paths
+from fwdata.validate.gates import GateConfig
+from fwdata.dataset.ply import read_ply_xyz
+from fwdata.validate import ValidateOptions, validate_dataset
+from fwdata.dataset.video import read_video
 
 # replicas share video bytes on purpose; do not let the duplicate gate fill the report
 BENCH_GATES = GateConfig()
@@ -36,7 +37,7 @@ BENCH_GATES.dataset.max_duplicate_clips = 10**9
 
 def replicate(base: Path, out: Path, n: int) -> Path:
     """A dataset of n samples at `out`, cycling over the samples of `base` under new ids."""
-    from fwdata.store import write_metadata
+    from fwdata.dataset.store import write_metadata
 
     if (out / "metadata.json").is_file() and len(load_metadata(out).samples) == n:
         return out
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="timing repeats (best is reported)")
     args = ap.parse_args()
 
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_validate_"))
     base = work / f"base_{args.frames}x{args.height}x{args.width}"

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from fwdata.build import build_dataset, load_config
-from fwdata.contract import load_metadata
-from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
-from fwdata.video import write_mp4
+from fwdata.build.pipeline import build_dataset, load_config
+from fwdata.dataset.contract import load_metadata
+from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
+from fwdata.dataset.video import write_mp4
 
 T, H, W = 33, 192, 336
 KINDS = ("orbit", "forward", "pan")

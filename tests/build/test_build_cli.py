@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from fwdata.contract import load_metadata
+from fwdata.dataset.contract import load_metadata
 
 
 def test_random_tiny_build_from_the_command_line(inputs, tmp_path):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwdata.build import build_dataset, load_config
-from fwdata.video import X264_OPTIONS, write_mp4, read_frames
+from fwdata.build.pipeline import build_dataset, load_config
+from fwdata.dataset.video import X264_OPTIONS, write_mp4, read_frames
 
 OPTIONS = {"clips": {"num_frames": 17, "height": 128, "width": 224, "stride": 2}, "depth": {"model": "random-tiny"},
            "write_ply": True}

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from fwdata.contract import DEPTH_NPZ, load_metadata, load_npz, read_camera_json, read_camera_txt
-from fwdata.evaluate import compare_datasets
-from fwdata.store import finished_records
+from fwdata.dataset.contract import DEPTH_NPZ, load_metadata, load_npz, read_camera_json, read_camera_txt
+from fwdata.compare import compare_datasets
+from fwdata.dataset.store import finished_records
 
 from conftest import KINDS, gt_sample_for, kind_of
 

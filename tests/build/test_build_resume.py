@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from fwdata.contract import DEPTH_NPZ, POINTS_NPZ, load_metadata, load_npz, read_camera_json
-from fwdata.store import MARKER_DIR
+from fwdata.dataset.contract import DEPTH_NPZ, POINTS_NPZ, load_metadata, load_npz, read_camera_json
+from fwdata.dataset.layout import MARKER_DIR
 
 
 def _preset(path, prior) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fwdata import camera
-from fwdata.contract import load_metadata, read_camera_json
-from fwdata.sfm import SfmError, SfmOptions, run_sfm
-from fwdata.video import read_frames
+from fwdata.dataset import camera
+from fwdata.dataset.contract import load_metadata, read_camera_json
+from fwdata.build.sfm import SfmError, SfmOptions, run_sfm
+from fwdata.dataset.video import read_frames
 
 from conftest import kind_of
 

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fwdata import camera
-from fwdata.align import AlignOptions, align_depth
-from fwdata.build import (
+from fwdata.dataset import camera
+from fwdata.build.align import AlignOptions, align_depth
+from fwdata.build.pipeline import (
     PRESET_DIR,
     BuildConfig,
     ConfigError,
     SplitOptions,
-    clean_stale_temp_files,
     load_config,
     split_for,
 )
-from fwdata.build_cli import overrides_from_options, parse_intrinsics
+from fwdata.dataset.store import clean_stale_temp_files
+from fwdata.build.cli import overrides_from_options, parse_intrinsics
 from fwdata.cli import app
-from fwdata.clips import ClipOptions, crop_and_scale, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
-from fwdata.depth import (
+from fwdata.build.clips import ClipOptions, crop_and_scale, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
+from fwdata.build.depth import (
     DepthError,
     DepthModelError,
     DepthOptions,
@@ -33,8 +33,8 @@ from fwdata.depth import (
     load_prior,
     random_tiny_model,
 )
-from fwdata.sfm import SfmResult, choose_keyframes, matching_pairs
-from fwdata.video import write_mp4
+from fwdata.build.sfm import SfmResult, choose_keyframes, matching_pairs
+from fwdata.dataset.video import write_mp4
 
 
 def _video(path, n=40, h=64, w=96, fps=30.0):
@@ -119,8 +119,8 @@ def test_load_clip_takes_the_planned_frames_at_the_clip_size(tmp_path):
 
 
 def test_intrinsics_map_between_source_and_clip():
-    from fwdata.clips import ClipPlan
-    from fwdata.video import VideoInfo
+    from fwdata.build.clips import ClipPlan
+    from fwdata.dataset.video import VideoInfo
 
     (x0, y0, cw, ch), scale = crop_and_scale(720, 1280, 336, 592)
     plan = ClipPlan(source="x.mp4", source_size=1, info=VideoInfo("x.mp4", 100, 30.0, 1280, 720), start_frame=0,
@@ -164,7 +164,7 @@ def test_random_tiny_is_deterministic_and_image_dependent():
 
 def test_local_model_folder_relative_and_metric(tmp_path):
     """A transformers model folder (save_pretrained) loads offline; its config says relative or metric."""
-    from fwdata.depth import DepthEstimator
+    from fwdata.build.depth import DepthEstimator
 
     model = random_tiny_model()
     model.save_pretrained(tmp_path / "rel")

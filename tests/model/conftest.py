@@ -36,15 +36,6 @@ def make_inputs(
     return inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run 3x faster on one thread (no spinning worker threads on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
     return get_preset("tiny")

@@ -133,3 +133,106 @@ def test_missing_or_wrong_weights_give_clear_errors(tmp_path: Path, tiny_config)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     with pytest.raises(BackboneWeightsError, match="could not load Wan2.1 weights from .*truncated"):
         load_wan_transformer(truncated, tiny_config.wan)
+
+
+# ---- `fwmodel doctor --weights` and `fwmodel train` accept the same weights ---------------------------
+
+
+def _weight_candidates(root: Path) -> dict[str, tuple[str, str, bool]]:
+    """{case: (model.wan_weights, model.preset, should train accept it)}, all built offline from a tiny Wan."""
+    torch.manual_seed(2)
+    tiny = get_preset("tiny")
+    wan = build_wan_transformer(tiny.wan)
+    wan.save_pretrained(root / "repo" / "transformer")
+    wan.save_pretrained(root / "sharded", max_shard_size="20KB")
+    save_file(_original_format_state_dict(wan), str(root / "wan2.1_tiny.safetensors"))
+    (root / "empty").mkdir()
+    (root / "unrelated").mkdir()
+    (root / "unrelated" / "notes.txt").write_text("not weights")
+    (root / "model.pt").write_bytes(b"a pickle file is never opened")
+    wan.save_pretrained(root / "pickle_only")  # diffusers layout, weights only as pickle
+    (root / "pickle_only" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({k: v.clone() for k, v in wan.state_dict().items()}, root / "pickle_only" / "diffusion_pytorch_model.bin")
+    wan.save_pretrained(root / "no_weights")
+    (root / "no_weights" / "diffusion_pytorch_model.safetensors").unlink()
+    wan.save_pretrained(root / "foreign")  # right config, unrelated tensors (diffusers alone would init randomly)
+    save_file({"foo": torch.zeros(3)}, str(root / "foreign" / "diffusion_pytorch_model.safetensors"))
+    wan.save_pretrained(root / "partial")  # one backbone tensor missing
+    state = {k: v.clone().contiguous() for k, v in wan.state_dict().items() if k != "scale_shift_table"}
+    save_file(state, str(root / "partial" / "diffusion_pytorch_model.safetensors"))
+    truncated = root / "truncated.safetensors"
+    truncated.write_bytes((root / "wan2.1_tiny.safetensors").read_bytes()[:-100])
+    (root / "garbage.safetensors").write_bytes(b"garbage, not a safetensors file")
+    wan.save_pretrained(root / "missing_shard", max_shard_size="20KB")
+    next((root / "missing_shard").glob("*-00002-of-*.safetensors")).unlink()
+    return {
+        "missing path": (str(root / "nowhere"), "tiny", False),
+        "empty folder": (str(root / "empty"), "tiny", False),
+        "folder with an unrelated file": (str(root / "unrelated"), "tiny", False),
+        "pickle file": (str(root / "model.pt"), "tiny", False),
+        "diffusers folder with pickle weights only": (str(root / "pickle_only"), "tiny", False),
+        "diffusers config without weights": (str(root / "no_weights"), "tiny", False),
+        "diffusers folder with unrelated tensors": (str(root / "foreign"), "tiny", False),
+        "diffusers folder missing one tensor": (str(root / "partial"), "tiny", False),
+        "sharded folder missing a shard": (str(root / "missing_shard"), "tiny", False),
+        "truncated single file": (str(truncated), "tiny", False),
+        "garbage .safetensors": (str(root / "garbage.safetensors"), "tiny", False),
+        "weights of another preset": (str(root / "repo"), "wan2.1-t2v-1.3b", False),
+        "single file of another preset": (str(root / "wan2.1_tiny.safetensors"), "wan2.1-t2v-1.3b", False),
+        "diffusers repository root": (str(root / "repo"), "tiny", True),
+        "diffusers transformer/ folder": (str(root / "repo" / "transformer"), "tiny", True),
+        "sharded diffusers folder": (str(root / "sharded"), "tiny", True),
+        "original-format single file": (str(root / "wan2.1_tiny.safetensors"), "tiny", True),
+        "random": ("random", "tiny", True),
+    }
+
+
+@pytest.fixture(scope="module")
+def weight_candidates(tmp_path_factory):
+    return _weight_candidates(tmp_path_factory.mktemp("weights"))
+
+
+def _train_accepts(weights: str, preset: str) -> bool:
+    """What `fwmodel train` does with model.wan_weights: build_model, refusing with BackboneWeightsError."""
+    from fwmodel.train import Dist, RunLogger, build_model, load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "pipelines/train/tiny-stage1.toml"
+    cfg = load_config(recipe, {"model.wan_weights": weights, "model.preset": preset})
+    try:
+        build_model(cfg, torch.device("cpu"), RunLogger(Dist(), quiet=True, echo=lambda m: None))
+    except BackboneWeightsError:
+        return False
+    return True
+
+
+def test_doctor_passes_exactly_the_weights_training_accepts(weight_candidates):
+    from fwmodel.doctor import wan_weights_check
+
+    rows = {}
+    for case, (weights, preset, expected) in weight_candidates.items():
+        check = wan_weights_check(weights, preset)
+        rows[case] = (check.ok, _train_accepts(weights, preset), expected, check.detail)
+    disagree = {case: row for case, row in rows.items() if row[0] != row[1]}
+    assert not disagree, f"doctor (ok) vs train (accepts) disagree: {disagree}"
+    wrong = {case: row for case, row in rows.items() if row[1] != row[2]}
+    assert not wrong, f"train accepted/refused unexpectedly: {wrong}"
+    # a refused path is a required problem (exit 1), never a warning
+    assert all(wan_weights_check(w, p).required for w, p, ok in weight_candidates.values() if not ok)
+
+
+def test_doctor_command_reports_the_weights_row(weight_candidates, tmp_path):
+    from typer.testing import CliRunner
+
+    from fwmodel.cli import app
+
+    runner = CliRunner()
+    for case, accepted in (("diffusers repository root", True), ("diffusers folder missing one tensor", False)):
+        weights, preset, _ = weight_candidates[case]
+        r = runner.invoke(app, ["doctor", "--output", str(tmp_path), "--min-free-gb", "0", "--weights", weights,
+                                "--preset", preset])
+        problems = [line for line in r.output.splitlines() if line.startswith("PROBLEM wan2.1 weights")]
+        assert (not problems) == accepted, (case, r.output)
+        if not accepted:
+            assert r.exit_code == 1 and "scale_shift_table" in problems[0]
+    r = runner.invoke(app, ["doctor", "--output", str(tmp_path), "--weights", "x", "--preset", "nope"])
+    assert r.exit_code == 2 and "unknown preset" in r.output

@@ -1,4 +1,4 @@
-"""Torch camera maths (fwmodel.pose) agree with fwdata.camera; pose encodings round-trip through decoding."""
+"""Torch camera maths (fwmodel.pose) agree with fwdata.dataset.camera; pose encodings round-trip through decoding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from fwmodel import pose
 
-camera = pytest.importorskip("fwdata.camera")
+camera = pytest.importorskip("fwdata.dataset.camera")
 
 H, W = 48, 80
 

@@ -20,15 +20,6 @@ TINY2 = REPO / "pipelines/train/tiny-stage2.toml"
 OVERFIT = {"data.height": 16, "data.width": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run several times faster on one thread (no spinning workers on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def encoders(tmp_path_factory) -> Path:
     from fwmodel.cache import write_tiny_encoders
@@ -39,7 +30,7 @@ def encoders(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, encoders) -> Path:
     """2 synthetic clips (9 frames, 64x96), cached for the tiny recipe (5 x 32x48) and for 5 x 16x32."""
-    from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
+    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
     from fwmodel.cache import CacheOptions, build_cache
     from fwmodel.train import load_config
 

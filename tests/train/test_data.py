@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fwdata import camera as cam
-from fwdata.contract import load_metadata, metadata_json
+from fwdata.dataset import camera as cam
+from fwdata.dataset.contract import load_metadata, metadata_json
 from fwmodel.cache import CacheError, LatentCache
 from fwmodel.data import DataConfig, DataError, ResizePlan, StepSampler, TrainingDataset, plucker_for_batch
 

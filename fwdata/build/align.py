@@ -30,8 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fwdata import quality
-from fwdata.depth import DepthResult
-from fwdata.sfm import SfmResult
+from fwdata.build.depth import DepthResult
+from fwdata.build.sfm import SfmResult
 
 
 class AlignOptions(BaseModel):

@@ -1,4 +1,4 @@
-"""Tests for fwdata.camera: known values and round trips."""
+"""Tests for fwdata.dataset.camera: known values and round trips."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from fwdata import camera as cam
+from fwdata.dataset import camera as cam
 
 ATOL = 1e-10
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fwdata import camera, synth
+from fwdata.synth import render as synth
+from fwdata.dataset import camera
 from fwdata.cli import app
-from fwdata.contract import DEPTH_NPZ, POINTS_NPZ, load_metadata, load_npz, read_camera_json
-from fwdata.synth_dataset import SynthOptions, synthetic_id, write_synthetic_dataset
-from fwdata.video import read_frames
+from fwdata.dataset.contract import DEPTH_NPZ, POINTS_NPZ, load_metadata, load_npz, read_camera_json
+from fwdata.synth.dataset import SynthOptions, synthetic_id, write_synthetic_dataset
+from fwdata.dataset.video import read_frames
 
 OPTS = SynthOptions(num_scenes=2, num_frames=9, height=64, width=96, path_kinds=["orbit", "pan"], write_ply=False)
 

@@ -30,7 +30,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fwdata.contract import ModelInfo
+from fwdata.dataset.contract import ModelInfo
 
 RANDOM_TINY = "random-tiny"
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -264,7 +264,7 @@ def prior_path(prior_dir: Path, sample_id: str, source: str) -> Optional[Path]:
 
 
 def load_prior(prior_dir: str, plan) -> DepthResult:
-    """Import external depth for one clip (`plan` is a `fwdata.clips.ClipPlan`).
+    """Import external depth for one clip (`plan` is a `fwdata.build.clips.ClipPlan`).
 
     Layout: a folder of ``.npz`` files, looked up as ``<sample id>.npz`` (exactly this clip: T
     slices) or ``<video stem>.npz`` (the whole video: slice i is source frame i, or

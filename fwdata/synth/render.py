@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from fwdata.camera import fov_to_focal, intrinsics_matrix, invert_pose, look_at
+from fwdata.dataset.camera import fov_to_focal, intrinsics_matrix, invert_pose, look_at
 
 __all__ = [
     "PATH_KINDS",

@@ -1,6 +1,6 @@
 """Synthetic ground-truth datasets: rendered clips written in the dataset contract.
 
-`fwdata synth OUT` renders scenes with `fwdata.synth` and writes them exactly as `fwdata build`
+`fwdata synth OUT` renders scenes with `fwdata.synth.render` and writes them exactly as `fwdata build`
 would write a dataset (videos, depth, points, cameras, metadata.json), with the *true* depth and
 cameras, in metres. Tests use the videos as build inputs and the rest as ground truth.
 """
@@ -14,8 +14,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from fwdata import __version__, camera, synth
-from fwdata.contract import (
+from fwdata import __version__
+from fwdata.synth import render as synth
+from fwdata.dataset import camera
+from fwdata.dataset.contract import (
     CameraFile,
     DatasetMetadata,
     ModelInfo,
@@ -25,7 +27,7 @@ from fwdata.contract import (
     make_sample_id,
     sample_paths,
 )
-from fwdata.store import SampleData, finished_records, is_finished, write_metadata, write_sample
+from fwdata.dataset.store import SampleData, finished_records, is_finished, write_metadata, write_sample
 
 
 @dataclass

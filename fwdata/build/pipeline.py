@@ -7,7 +7,7 @@ The pipeline is a list of small steps with one job each (`STEPS`), run for every
 (cameras come before depth so a clip that cannot get cameras costs no depth inference). A step
 that raises ends the clip: the failure is recorded in metadata.json with the step's name and a
 one-line reason, and the build goes on with the next clip. Each clip is written atomically with a
-completion marker (`fwdata.store`), so a rerun skips finished clips (``force`` redoes them) and a
+completion marker (`fwdata.dataset.store`), so a rerun skips finished clips (``force`` redoes them) and a
 build killed at any moment and run again ends with the same dataset as an uninterrupted one.
 
 Clips run in this process (``workers = 1``) or in ``workers`` processes, each holding one clip at a
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
@@ -33,9 +33,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fwdata import __version__, quality
-from fwdata.align import AlignError, AlignOptions, AlignResult, align_depth
-from fwdata.clips import ClipOptions, ClipPlan, VideoPlan, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
-from fwdata.contract import (
+from fwdata.build.align import AlignError, AlignOptions, AlignResult, align_depth
+from fwdata.build.clips import ClipOptions, ClipPlan, VideoPlan, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
+from fwdata.dataset.contract import (
     CameraFile,
     ContractError,
     DatasetMetadata,
@@ -46,29 +46,23 @@ from fwdata.contract import (
     SampleRecord,
     sample_paths,
 )
-from fwdata.gates import Tolerances
-from fwdata.runtime import clip_threads, init_worker
-from fwdata.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
-from fwdata.depth import model_info as depth_model_info
-from fwdata.sfm import SfmError, SfmOptions, SfmResult, run_sfm
-from fwdata.store import (  # noqa: F401  (clean_stale_temp_files is part of this module's API)
-    MARKER_DIR,
+from fwdata.runtime import ConfigFileError, clip_threads, load_config_file, run_in_processes
+from fwdata.build.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
+from fwdata.build.depth import model_info as depth_model_info
+from fwdata.build.sfm import SfmError, SfmOptions, SfmResult, run_sfm
+from fwdata.dataset.store import (
     SampleData,
     clean_stale_temp_files,
     finished_records,
     is_finished,
     point_maps,
+    remove_sample,
     write_metadata,
     write_sample,
 )
-from fwdata.video import X264_OPTIONS, VideoError
+from fwdata.dataset.video import X264_OPTIONS, VideoError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "build"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "build"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -113,18 +107,8 @@ class BuildConfig(BaseModel):
     splits: SplitOptions = Field(default_factory=SplitOptions)
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigFileError):
     """A preset or option that is not valid; the message names the file/key."""
-
-
-def _deep_update(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_update(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def resolve_preset(preset: Union[str, Path, None]) -> Optional[Path]:
@@ -143,21 +127,7 @@ def resolve_preset(preset: Union[str, Path, None]) -> Optional[Path]:
 
 def load_config(preset: Union[str, Path, None] = None, overrides: Optional[dict[str, Any]] = None) -> BuildConfig:
     """BuildConfig from a TOML preset (or the built-in defaults) with nested `overrides` applied last."""
-    data: dict[str, Any] = {}
-    path = resolve_preset(preset)
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    data = _deep_update(data, overrides or {})
-    try:
-        return BuildConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{loc}: {err['msg']}") from None
+    return load_config_file(BuildConfig, resolve_preset(preset), overrides, error=ConfigError)
 
 
 # --------------------------------------------------------------------------- one clip
@@ -212,7 +182,7 @@ def step_decode(job: ClipJob) -> None:
 
 
 def step_sfm(job: ClipJob) -> None:
-    """Cameras and sparse points with pycolmap (fwdata.sfm)."""
+    """Cameras and sparse points with pycolmap (fwdata.build.sfm)."""
     opts = job.config.sfm
     if job.config.intrinsics is not None:
         fx, fy, cx, cy = job.config.intrinsics
@@ -222,20 +192,20 @@ def step_sfm(job: ClipJob) -> None:
 
 
 def step_depth(job: ClipJob) -> None:
-    """Per-frame depth from the model (batched) or the imported prior (fwdata.depth). Runs in the
+    """Per-frame depth from the model (batched) or the imported prior (fwdata.build.depth). Runs in the
     background next to the cameras (see `BACKGROUND_STEPS`) and stops early when the clip fails."""
     job.depth = estimate_depth(job.frames, job.config.depth, job.plan, should_stop=job.cancel.is_set)
 
 
 def step_align(job: ClipJob) -> None:
-    """Depth on the SfM scale (fwdata.align); metric depth makes the clip metric."""
+    """Depth on the SfM scale (fwdata.build.align); metric depth makes the clip metric."""
     job.wait("depth")
     job.aligned = align_depth(job.depth, job.sfm, job.config.align)
     job.depth = None  # the raw prediction is no longer needed
 
 
 def step_points(job: ClipJob) -> None:
-    """Cameras in the contract's form and per-pixel world points (fwdata.store.point_maps)."""
+    """Cameras in the contract's form and per-pixel world points (fwdata.dataset.store.point_maps)."""
     a, p = job.aligned, job.plan
     job.cameras = CameraFile.from_arrays(a.w2c, job.sfm.K, width=p.width, height=p.height, scale=a.scale,
                                          source_frames=p.source_frames, timestamps=p.timestamps,
@@ -249,7 +219,7 @@ def step_quality(job: ClipJob) -> None:
 
 
 def step_write(job: ClipJob) -> None:
-    """Atomic write of the sample's files, then its completion marker (fwdata.store)."""
+    """Atomic write of the sample's files, then its completion marker (fwdata.dataset.store)."""
     record = make_record(job)
     data = SampleData(frames=job.frames, depth=job.aligned.depth, depth_valid=job.aligned.valid, cameras=job.cameras,
                       points=job.points, points_valid=job.points_valid)
@@ -280,9 +250,8 @@ def measure_quality(frames: np.ndarray, aligned: AlignResult, sfm: SfmResult, ca
     T, H, W = frames.shape[:3]
     fov_h, fov_w = quality.field_of_view_deg(K, H, W)
     path, rot = quality.camera_motion(w2c)
-    tol = Tolerances()  # the same settings `fwdata validate` recomputes the metric with
-    mv = quality.multiview_consistency(aligned.depth, aligned.valid, K, w2c, rel_tol=tol.multiview_rel_tol,
-                                       stride=tol.multiview_stride, max_pairs=tol.multiview_max_pairs)
+    mv_settings = quality.MultiviewSettings()  # recorded beside the value: validation recomputes it the same way
+    mv = mv_settings.measure(aligned.depth, aligned.valid, K, w2c)
     per_frame = aligned.absrel_per_frame
     return QualityMetrics(
         registered_ratio=quality.registered_ratio([f.registered for f in cameras.frames]),
@@ -292,6 +261,7 @@ def measure_quality(frames: np.ndarray, aligned: AlignResult, sfm: SfmResult, ca
         depth_sfm_absrel=_finite_or_none(aligned.absrel),
         depth_sfm_absrel_max_frame=_finite_or_none(float(np.nanmax(per_frame)) if np.isfinite(per_frame).any() else None),
         multiview_consistency=mv,
+        multiview_settings=mv_settings,
         fov_h_deg=fov_h,
         fov_w_deg=fov_w,
         path_length=path,
@@ -530,26 +500,17 @@ def resolve_workers(workers: int, num_clips: int) -> int:
 
 def _run_pool(todo: list[ClipPlan], config: BuildConfig, workers: int, out: Path, force: bool,
               progress: Optional[BuildProgress]) -> list[ClipOutcome]:
-    import multiprocessing as mp
-
+    """Clips in `workers` processes (fwdata.runtime), outcomes as they finish."""
     outcomes = []
-    ctx = mp.get_context("spawn")  # no fork: torch and COLMAP threads do not survive fork
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                             initargs=(config.threads,)) as pool:
-        pending = {pool.submit(process_clip, plan, config, out): plan for plan in todo}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                plan = pending.pop(fut)
-                try:
-                    o = fut.result()
-                except Exception as e:  # the worker died (killed, out of memory)
-                    o = ClipOutcome(plan.sample_id, plan.source, plan.start_frame, False, stage="worker",
-                                    reason=f"worker process died ({type(e).__name__}); try fewer --workers")
-                _after_clip(out, o, force)
-                outcomes.append(o)
-                if progress:
-                    progress.clip_done(o)
+    for plan, o, err in run_in_processes(partial(process_clip, config=config, out=out), todo, workers,
+                                         threads=config.threads):
+        if err is not None:  # the worker died (killed, out of memory), also when the clip ran alone
+            o = ClipOutcome(plan.sample_id, plan.source, plan.start_frame, False, stage="worker",
+                            reason=f"worker process died ({type(err).__name__}); try fewer --workers")
+        _after_clip(out, o, force)
+        outcomes.append(o)
+        if progress:
+            progress.clip_done(o)
     return outcomes
 
 
@@ -557,16 +518,6 @@ def _after_clip(out: Path, outcome: ClipOutcome, force: bool) -> None:
     """A forced redo that failed must not leave the old sample behind as if it were current."""
     if force and not outcome.ok:
         remove_sample(out, outcome.sample_id)
-
-
-def remove_sample(out: Path, sample_id: str) -> None:
-    marker = out / MARKER_DIR / f"{sample_id}.json"
-    if marker.exists():
-        marker.unlink()
-    for rel in sample_paths(sample_id).all():
-        p = out / rel
-        if p.exists():
-            p.unlink()
 
 
 def package_versions() -> dict[str, str]:

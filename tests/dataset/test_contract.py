@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fwdata import camera
-from fwdata.contract import (
+from fwdata.dataset import camera
+from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
     CameraFile,
@@ -34,9 +34,9 @@ from fwdata.contract import (
     resolve_inside,
     sample_paths,
 )
-from fwdata.store import npz_bytes
+from fwdata.dataset.store import npz_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def random_cameras(T=5, W=64, H=48, seed=0) -> CameraFile:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fwdata import camera
-from fwdata.contract import (
+from fwdata.dataset import camera
+from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
     CameraFile,
@@ -22,8 +22,8 @@ from fwdata.contract import (
     camera_txt_to_arrays,
     sample_paths,
 )
-from fwdata.store import SampleData, finished_records, is_finished, write_metadata, write_sample
-from fwdata.video import VideoError, probe, read_frames, write_mp4
+from fwdata.dataset.store import SampleData, finished_records, is_finished, write_metadata, write_sample
+from fwdata.dataset.video import VideoError, probe, read_frames, write_mp4
 
 T, H, W = 5, 32, 64  # decord mis-decodes some tiny widths (48 px); 64 is fine
 
@@ -81,7 +81,7 @@ def test_wrong_arrays_write_nothing(tmp_path):
 
 def test_a_failed_write_leaves_no_sample_and_no_temp_files(tmp_path, monkeypatch):
     rec, data = make_sample()
-    import fwdata.store as store
+    import fwdata.dataset.store as store
 
     def boom(*a, **k):
         raise OSError("disk full")

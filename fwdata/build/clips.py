@@ -26,8 +26,8 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fwdata.contract import SourceRef, make_sample_id
-from fwdata.video import VideoError, VideoInfo, probe, read_frames
+from fwdata.dataset.contract import SourceRef, make_sample_id
+from fwdata.dataset.video import VideoError, VideoInfo, probe, read_frames
 
 #: file suffixes `fwdata build` picks up when given a folder
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")

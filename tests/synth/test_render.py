@@ -1,4 +1,4 @@
-"""Tests for fwdata.synth: determinism, exact depth, consistent cameras, usable texture."""
+"""Tests for fwdata.synth.render: determinism, exact depth, consistent cameras, usable texture."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fwdata import camera as cam
-from fwdata import synth
+from fwdata.dataset import camera as cam
+from fwdata.synth import render as synth
 
 H, W = 64, 112  # small frames keep the file fast
 

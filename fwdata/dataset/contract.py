@@ -39,6 +39,8 @@ from pydantic import (
     model_validator,
 )
 
+from fwdata.quality import MultiviewSettings
+
 SCHEMA_VERSION = "1.0"
 SUPPORTED_SCHEMA_VERSIONS = ("1.0",)
 
@@ -491,6 +493,9 @@ class QualityMetrics(BaseModel):
     )
     multiview_consistency: Optional[float] = Field(
         None, ge=0, le=1, description="fraction of overlapping pixels whose depth agrees after warping between frames"
+    )
+    multiview_settings: Optional[MultiviewSettings] = Field(
+        None, description="how multiview_consistency was measured (None: the defaults of fwdata.quality)"
     )
     fov_h_deg: Optional[float] = Field(None, gt=0, lt=180)
     fov_w_deg: Optional[float] = Field(None, gt=0, lt=180)

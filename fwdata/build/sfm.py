@@ -41,7 +41,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fwdata import camera
+from fwdata.dataset import camera
 
 
 #: a try whose free focal ends within this fraction of the focal it was mapped with is settled

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-from fwdata import camera
-from fwdata.contract import (
-    CAMERAS_DIR,
-    DEPTH_DIR,
+from fwdata.dataset import camera
+from fwdata.dataset.contract import (
     DEPTH_NPZ,
     METADATA_FILE,
-    POINTS_DIR,
     POINTS_NPZ,
-    VIDEOS_DIR,
     CameraFile,
     ContractError,
     DatasetMetadata,
@@ -34,21 +29,13 @@ from fwdata.contract import (
     check_npz_arrays,
     format_camera_txt,
     metadata_json,
+    sample_paths,
 )
-from fwdata.video import write_mp4
-
-MARKER_DIR = ".fwdata/done"
-
+from fwdata.dataset.layout import MARKER_DIR, dataset_dirs, is_temp_name, marker_path, temp_writer_pid, tmp_name
+from fwdata.dataset.ply import fused_cloud, write_cloud
+from fwdata.dataset.video import write_mp4
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def _tmp_name(path: Path) -> Path:
-    # keep the suffix last so libraries that pick a format from it (open3d) still work
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")  # what `_tmp_name` makes: .<stem>.tmp-<pid><suffix>
 
 
 def clean_stale_temp_files(root: Union[str, Path]) -> int:
@@ -59,8 +46,8 @@ def clean_stale_temp_files(root: Union[str, Path]) -> int:
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            m = _TMP_NAME.match(p.name)
-            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            pid = temp_writer_pid(p.name)
+            if pid is not None and p.is_file() and not _pid_alive(pid):
                 p.unlink(missing_ok=True)
                 removed += 1
     return removed
@@ -90,7 +77,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -112,6 +99,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 # --------------------------------------------------------------------------- point maps
 
 
+
 def point_maps(depth: np.ndarray, valid: np.ndarray, cameras: CameraFile) -> tuple[np.ndarray, np.ndarray]:
     """World points (T,H,W,3) float32 from z-depth (T,H,W) and the cameras; valid (T,H,W) bool.
 
@@ -126,36 +114,6 @@ def point_maps(depth: np.ndarray, valid: np.ndarray, cameras: CameraFile) -> tup
         pts[i] = camera.unproject_depth(depth[i].astype(np.float64), K[i], c2w[i])
     pts[~ok] = 0.0
     return pts, ok
-
-
-def fused_cloud(points: np.ndarray, valid: np.ndarray, frames: np.ndarray, voxel_size: Optional[float] = None,
-                pixel_stride: int = 2, max_points: int = 200_000):
-    """Fused, voxel-downsampled, outlier-filtered coloured cloud (open3d PointCloud).
-
-    points (T,H,W,3), valid (T,H,W), frames (T,H,W,3) uint8. `voxel_size` defaults to 1/200 of the
-    median point distance from the origin (frame-0 camera), so it adapts to the scene's unit; it
-    grows when the downsampled cloud would exceed `max_points` (the outlier filter's cost grows
-    with the point count: long, large clips otherwise spend seconds here).
-    """
-    import open3d as o3d
-
-    sel = valid[:, ::pixel_stride, ::pixel_stride]
-    xyz = points[:, ::pixel_stride, ::pixel_stride][sel].astype(np.float64)
-    rgb = frames[:, ::pixel_stride, ::pixel_stride][sel].astype(np.float64) / 255.0
-    pcd = o3d.geometry.PointCloud()
-    if len(xyz) == 0:
-        return pcd
-    pcd.points = o3d.utility.Vector3dVector(xyz)
-    pcd.colors = o3d.utility.Vector3dVector(rgb)
-    if voxel_size is None:
-        voxel_size = max(float(np.median(np.linalg.norm(xyz, axis=1))) / 200.0, 1e-6)
-    down = pcd.voxel_down_sample(voxel_size)
-    if len(down.points) > max_points:  # points on surfaces scale with 1 / voxel_size^2
-        down = down.voxel_down_sample(voxel_size * 1.05 * float(np.sqrt(len(down.points) / max_points)))
-    pcd = down
-    if len(pcd.points) > 50:
-        pcd, _ = pcd.remove_statistical_outlier(nb_neighbors=20, std_ratio=2.0)
-    return pcd
 
 
 # --------------------------------------------------------------------------- samples
@@ -207,7 +165,7 @@ def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData,
     def stage(rel: str) -> Path:
         final = root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(final)
+        tmp = tmp_name(final)
         finals.append((tmp, final))
         return tmp
 
@@ -218,12 +176,8 @@ def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData,
         stage(p.camera_json).write_text(data.cameras.model_dump_json(indent=1) + "\n")
         stage(p.camera_txt).write_text(format_camera_txt(data.cameras))
         if write_ply and p.points_ply:
-            import open3d as o3d
-
             cloud = fused_cloud(pts.astype(np.float32), np.asarray(pvalid, bool), data.frames)
-            tmp = stage(p.points_ply)
-            if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
-                raise OSError(f"open3d could not write {tmp}")
+            write_cloud(stage(p.points_ply), cloud)
         for tmp, _ in finals:
             _fsync_file(tmp)
         for tmp, final in finals:
@@ -232,7 +186,7 @@ def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData,
         for tmp, _ in finals:
             if tmp.exists():
                 tmp.unlink()
-    atomic_write_text(root / MARKER_DIR / f"{record.id}.json", record.model_dump_json(indent=1) + "\n")
+    atomic_write_text(marker_path(root, record.id), record.model_dump_json(indent=1) + "\n")
 
 
 def finished_records(root: Union[str, Path]) -> list[SampleRecord]:
@@ -240,11 +194,23 @@ def finished_records(root: Union[str, Path]) -> list[SampleRecord]:
     d = Path(root) / MARKER_DIR
     if not d.is_dir():
         return []
-    return sorted((SampleRecord.model_validate_json(p.read_bytes()) for p in d.glob("*.json")), key=lambda r: r.id)
+    markers = [p for p in d.glob("*.json") if not is_temp_name(p.name)]  # not a marker still being written
+    return sorted((SampleRecord.model_validate_json(p.read_bytes()) for p in markers), key=lambda r: r.id)
 
 
 def is_finished(root: Union[str, Path], sample_id: str) -> bool:
-    return (Path(root) / MARKER_DIR / f"{sample_id}.json").is_file()
+    return marker_path(root, sample_id).is_file()
+
+
+def remove_sample(root: Union[str, Path], sample_id: str) -> None:
+    """Delete one sample's marker (first, so it stops counting as finished) and its files."""
+    marker = marker_path(root, sample_id)
+    if marker.exists():
+        marker.unlink()
+    for rel in sample_paths(sample_id).all():
+        p = Path(root) / rel
+        if p.exists():
+            p.unlink()
 
 
 def write_metadata(root: Union[str, Path], meta: DatasetMetadata) -> DatasetMetadata:
@@ -254,6 +220,3 @@ def write_metadata(root: Union[str, Path], meta: DatasetMetadata) -> DatasetMeta
     return meta
 
 
-def dataset_dirs(root: Union[str, Path]) -> list[Path]:
-    root = Path(root)
-    return [root / d for d in (VIDEOS_DIR, DEPTH_DIR, POINTS_DIR, CAMERAS_DIR)]

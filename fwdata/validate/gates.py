@@ -23,17 +23,14 @@ This module only knows metrics and thresholds; `fwdata.validate` computes the me
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from fwdata.quality import MultiviewSettings
+from fwdata.runtime import ConfigFileError, load_config_file
 
 
 # --------------------------------------------------------------------------- metrics
@@ -151,14 +148,23 @@ class Tolerances(BaseModel):
     rotation_tol: float = Field(1e-4, gt=0, description="max |R^T R - I| and |det R - 1|")
     world_frame_tol: float = Field(1e-6, gt=0, description="max |w2c[0] - I|")
     fps_rel_tol: float = Field(0.01, ge=0, description="video fps vs metadata fps, relative")
-    multiview_rel_tol: float = Field(0.05, gt=0, description="depth agreement tolerance of multiview_consistency")
-    multiview_stride: int = Field(2, ge=1, description="pixel stride of the multi-view consistency check")
-    multiview_max_pairs: int = Field(16, ge=1, description="frame pairs (gaps 1 and 4, spread over the clip) of the "
-                                                          "multi-view consistency check")
+    # defaults: fwdata.quality.MultiviewSettings, what the build measures with
+    multiview_rel_tol: float = Field(MultiviewSettings().rel_tol, gt=0,
+                                     description="depth agreement tolerance of multiview_consistency")
+    multiview_stride: int = Field(MultiviewSettings().stride, ge=1,
+                                  description="pixel stride of the multi-view consistency check")
+    multiview_max_pairs: int = Field(MultiviewSettings().max_pairs, ge=1,
+                                     description="frame pairs (gaps 1 and 4, spread over the clip) of the multi-view "
+                                                 "consistency check")
     multiview_floor: float = Field(
         0.5, ge=0, le=1, description="cross.multiview_consistency fires below this (depth and cameras disagree)"
     )
     ply_sample_points: int = Field(1000, ge=1, description="fused-cloud points checked against the point maps")
+
+    def multiview(self) -> MultiviewSettings:
+        """The multi-view consistency settings of this gate file."""
+        return MultiviewSettings(rel_tol=self.multiview_rel_tol, stride=self.multiview_stride,
+                                 max_pairs=self.multiview_max_pairs)
     ply_rel_tol: float = Field(0.03, gt=0, description="a cloud point is supported when a point map holds a point "
                                                         "within ply_rel_tol * depth of it")
     ply_min_support: float = Field(0.9, ge=0, le=1, description="fewest fraction of cloud points supported")
@@ -189,7 +195,7 @@ class GateConfig(BaseModel):
         return v
 
 
-class GateError(ValueError):
+class GateError(ConfigFileError):
     """A gate file that cannot be read or does not satisfy GateConfig; the message names the file."""
 
 
@@ -197,19 +203,8 @@ def load_gates(path: Union[str, Path, None]) -> GateConfig:
     """Read a gate TOML file (None -> the built-in defaults). Raises GateError naming the file and key."""
     if path is None:
         return GateConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise GateError(f"gate file {path} does not exist (see pipelines/gates/ for examples)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GateError(f"{path}: not valid TOML ({e})") from None
-    raw.setdefault("name", path.stem)
-    try:
-        return GateConfig.model_validate(raw)
-    except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:3])
-        raise GateError(f"{path}: {errs}") from None
+    return load_config_file(GateConfig, path, error=GateError, missing_hint="see pipelines/gates/ for examples",
+                            defaults={"name": Path(path).stem})
 
 
 # --------------------------------------------------------------------------- evaluation

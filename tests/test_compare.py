@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from fwdata.cli import app
-from fwdata.contract import DEPTH_NPZ, CameraFile, load_metadata, load_npz, read_camera_json
-from fwdata.evaluate import CompareError, compare_datasets
-from fwdata.store import SampleData, write_metadata, write_sample
-from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
-from fwdata.video import read_frames
+from fwdata.dataset.contract import DEPTH_NPZ, CameraFile, load_metadata, load_npz, read_camera_json
+from fwdata.compare import CompareError, compare_datasets
+from fwdata.dataset.store import SampleData, write_metadata, write_sample
+from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
+from fwdata.dataset.video import read_frames
 
 runner = CliRunner()
 

@@ -1,7 +1,7 @@
 """What `fwdata build` shows a person: a progress bar while clips run, then a summary.
 
 The command in `fwdata.cli` only parses options; this module turns them into a `BuildConfig`,
-runs `fwdata.build.build_dataset` with a rich progress bar (clips done / failed, ETA) and prints
+runs `fwdata.build.pipeline.build_dataset` with a rich progress bar (clips done / failed, ETA) and prints
 the result. Exit codes: 0 every input succeeded, 1 some failed (the rest is written and listed),
 2 usage errors (bad options or preset, missing inputs, depth model not available).
 """
@@ -18,9 +18,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from fwdata.build import BuildConfig, BuildSummary, ClipOutcome, ConfigError, build_dataset, load_config
+from fwdata.build.pipeline import BuildConfig, BuildSummary, ClipOutcome, ConfigError, build_dataset, load_config
 from fwdata.cli_common import EXIT_USAGE
-from fwdata.depth import DepthModelError
+from fwdata.build.depth import DepthModelError
 
 
 class RichBuildProgress:

@@ -29,8 +29,8 @@ from typing import Optional
 
 import numpy as np
 
-from fwdata import camera
-from fwdata.contract import (
+from fwdata.dataset import camera
+from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
     CameraFile,

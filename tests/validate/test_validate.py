@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fwdata import camera
+from fwdata.dataset import camera
 from fwdata.cli import app
-from fwdata.contract import CameraFile, FrameCamera, format_camera_txt, sample_paths
-from fwdata.gates import GateConfig, MetricRange, load_gates
-from fwdata.store import npz_bytes, point_maps
-from fwdata.synth_dataset import SynthOptions, write_synthetic_dataset
-from fwdata.validate import REGISTRY, ValidateOptions, read_ply_xyz, validate_dataset
+from fwdata.dataset.contract import CameraFile, FrameCamera, format_camera_txt, sample_paths
+from fwdata.validate.gates import GateConfig, MetricRange, load_gates
+from fwdata.dataset.store import npz_bytes, point_maps
+from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
+from fwdata.dataset.ply import read_ply_xyz
+from fwdata.validate import REGISTRY, ValidateOptions, validate_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- fixtures
