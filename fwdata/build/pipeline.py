@@ -51,6 +51,7 @@ from fwdata.build.depth import DepthError, DepthModelError, DepthOptions, DepthR
 from fwdata.build.depth import model_info as depth_model_info
 from fwdata.build.sfm import SfmError, SfmOptions, SfmResult, run_sfm
 from fwdata.dataset.store import (
+    DatasetBusy,
     SampleData,
     clean_stale_temp_files,
     finished_records,
@@ -58,6 +59,7 @@ from fwdata.dataset.store import (
     point_maps,
     remove_sample,
     write_metadata,
+    write_lock,
     write_sample,
 )
 from fwdata.dataset.video import X264_OPTIONS, VideoError
@@ -446,6 +448,16 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
     if not plans:
         raise ConfigError(f"no video files found in {', '.join(map(str, inputs))}")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with write_lock(out):
+            return _build_locked(out, plans, config, force, progress, command, t0)
+    except DatasetBusy as e:
+        raise ConfigError(str(e)) from None
+
+
+def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force: bool,
+                  progress: Optional[BuildProgress], command: str, t0: float) -> BuildSummary:
+    """The build proper, while this process holds the dataset's write lock."""
     clean_stale_temp_files(out)
 
     failures: list[FailedInput] = [FailedInput(source=p.source, reason=p.error, stage=p.stage)

@@ -7,6 +7,7 @@ The per-sample file names are part of the contract (`fwdata.dataset.contract.sam
     dataset/
       metadata.json  videos/  depth/  points/  camera_params/      (the contract)
       .fwdata/done/<id>.json                                       (completion markers, internal)
+      .fwdata/lock                                                 (the write lock of the running build)
       <folder>/.<stem>.tmp-<pid><suffix>                           (a file being written by <pid>)
 """
 
@@ -23,6 +24,9 @@ from fwdata.dataset.contract import CAMERAS_DIR, DEPTH_DIR, POINTS_DIR, VIDEOS_D
 INTERNAL_DIR = ".fwdata"
 #: completion markers: `<id>.json` holding the sample's record, written last
 MARKER_DIR = f"{INTERNAL_DIR}/done"
+
+#: the write lock of a dataset: held by the one build writing into it (`fwdata.dataset.store.write_lock`)
+LOCK_FILE = f"{INTERNAL_DIR}/lock"
 
 #: what `tmp_name` makes: .<stem>.tmp-<pid><suffix>
 _TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")

@@ -81,6 +81,8 @@ def read_ply_xyz(path: Union[str, Path]) -> np.ndarray:
         if parts[0] == "format" and len(parts) >= 2:
             fmt = parts[1]
         elif parts[0] == "element" and len(parts) == 3:
+            if not parts[2].isdigit():  # a count is a non-negative integer ("-5" would read the whole body)
+                raise ValueError(f"bad element count in {line!r}")
             elements.append((parts[1], int(parts[2]), []))
         elif parts[0] == "property" and elements:
             if parts[1] == "list":

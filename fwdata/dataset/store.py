@@ -9,11 +9,12 @@ so a killed build never leaves a half sample that looks whole, and a rerun skips
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from fwdata.dataset.contract import (
     metadata_json,
     sample_paths,
 )
-from fwdata.dataset.layout import MARKER_DIR, dataset_dirs, is_temp_name, marker_path, temp_writer_pid, tmp_name
+from fwdata.dataset.layout import LOCK_FILE, MARKER_DIR, dataset_dirs, is_temp_name, marker_path, temp_writer_pid, tmp_name
 from fwdata.dataset.ply import fused_cloud, write_cloud
 from fwdata.dataset.video import write_mp4
 
@@ -220,3 +221,53 @@ def write_metadata(root: Union[str, Path], meta: DatasetMetadata) -> DatasetMeta
     return meta
 
 
+
+
+# --------------------------------------------------------------------------- one writer at a time
+
+
+class DatasetBusy(RuntimeError):
+    """Another process holds the dataset's write lock; the message names it (pid, host, since when)."""
+
+
+@contextlib.contextmanager
+def write_lock(root: Union[str, Path]) -> Iterator[None]:
+    """Hold the dataset's exclusive write lock (`LOCK_FILE`) while the body runs.
+
+    An advisory `flock` on `.fwdata/lock`: the kernel releases it when its holder dies, however it
+    dies, so the lock of a killed build is taken over by the next one without any stale-lock
+    guessing. The holder's pid, host and start time are written into the file, so a second writer
+    says who holds it. (flock works on local file systems and on NFSv4; on a shared file system
+    without it, run one builder per dataset.)
+    """
+    import fcntl
+    import json
+    import socket
+    from datetime import datetime, timezone
+
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']} since {h['since']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise DatasetBusy(f"{root} is being written by {who}; wait for it to finish (or stop it) and run "
+                              f"again") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -33,3 +33,20 @@ def test_random_tiny_build_from_the_command_line(inputs, tmp_path):
     checks = {f["check"] for f in json.loads(v.stdout)["findings"]}
     assert "gate.random_init_model" in checks
     assert not any(c.startswith(("schema.", "integrity.")) for c in checks), checks
+
+
+def test_a_second_build_into_a_busy_dataset_says_who_holds_it(inputs, tmp_path):
+    import os
+
+    from fwdata.dataset.store import write_lock
+
+    video = next((inputs / "videos").glob("synth_forward_*.mp4"))
+    out = tmp_path / "ds"
+    with write_lock(out):  # this test process is "the other build"
+        r = subprocess.run([sys.executable, "-m", "fwdata.cli", "build", str(video), "--out", str(out),
+                            "--depth-model", "random-tiny", "--frames", "17", "--height", "192", "--width", "336",
+                            "-q"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    message = " ".join(r.stderr.split())
+    assert f"is being written by pid {os.getpid()}" in message and "Traceback" not in r.stderr
+    assert not (out / "metadata.json").exists() and not (out / "videos").exists(), "nothing was built"

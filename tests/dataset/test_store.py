@@ -126,3 +126,46 @@ def test_video_round_trip_and_errors(tmp_path):
         probe(tmp_path / "missing.mp4")
     with pytest.raises(VideoError, match="out of range"):
         read_frames(p, [0, 9])
+
+
+def test_a_marker_being_written_is_not_a_finished_sample(tmp_path):
+    """A 0-byte temporary marker (a writer killed mid-write, or a full disk) is ignored, not parsed."""
+    from fwdata.dataset.layout import marker_path, tmp_name
+
+    rec, data = make_sample("a-000000-00000000")
+    write_sample(tmp_path, rec, data, write_ply=False)
+    tmp_name(marker_path(tmp_path, "b-000000-00000000")).write_bytes(b"")
+    assert [r.id for r in finished_records(tmp_path)] == [rec.id]
+
+
+def test_one_writer_at_a_time_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fwdata.dataset.layout import LOCK_FILE
+    from fwdata.dataset.store import DatasetBusy, write_lock
+
+    with write_lock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(DatasetBusy, match=f"pid {os.getpid()} on "):
+            with write_lock(tmp_path):
+                pass
+    # a holder killed with SIGKILL leaves its file behind, but not its lock
+    code = ("import sys, time; from fwdata.dataset.store import write_lock\n"
+            "with write_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(DatasetBusy, match=f"pid {proc.pid} "):
+            with write_lock(tmp_path):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == proc.pid  # stale content
+    with write_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
