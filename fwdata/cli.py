@@ -124,11 +124,14 @@ def print_dataset_summary(dataset: Path, meta) -> None:
 
 @app.command()
 def validate(
-    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
-    gates: Optional[Path] = typer.Option(None, "--gates", "-g", help="Gate TOML file, e.g. pipelines/gates/strict.toml "
-                                                                     "(default: built-in = pipelines/gates/default.toml)."),
+    # paths as text, checked by validate itself: a NUL byte or an over-long path is a one-line error
+    dataset: str = typer.Argument(..., metavar="DATASET", help="Dataset folder (holds metadata.json)."),
+    gates: Optional[str] = typer.Option(None, "--gates", "-g", metavar="<path>",
+                                        help="Gate TOML file, e.g. pipelines/gates/strict.toml "
+                                             "(default: built-in = pipelines/gates/default.toml)."),
     fmt: str = typer.Option("table", "--format", "-f", help="Report format: table, json or junit."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report here instead of stdout."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="<path>",
+                                         help="Write the report here instead of stdout."),
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Processes checking samples in parallel "
                                                                   "(0: in this process, no crash isolation)."),
     sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Check only this sample id (repeatable)."),
@@ -139,13 +142,18 @@ def validate(
     Exit codes: 0 pass, 1 a check or gate failed, 2 bad options or unreadable dataset. See docs/VALIDATE.md.
     """
     from fwdata.validate.report import ReportFormat, validate_and_report
-    from fwdata.validate import UsageError, ValidateOptions
+    from fwdata.validate import UsageError, ValidateOptions, check_path_option
 
     if fmt not in {f.value for f in ReportFormat}:
         fail(f"--format {fmt!r}: choose table, json or junit")
     try:
-        code = validate_and_report(ValidateOptions(dataset=dataset, gates=gates, workers=workers, samples=sample or []),
-                                   ReportFormat(fmt), output=output, quiet=quiet, console=console)
+        for what, path in (("dataset folder", dataset), ("gate file", gates), ("--output", output)):
+            if path is not None:
+                check_path_option(what, path)
+        code = validate_and_report(ValidateOptions(dataset=Path(dataset), gates=Path(gates) if gates else None,
+                                                   workers=workers, samples=sample or []),
+                                   ReportFormat(fmt), output=Path(output) if output else None, quiet=quiet,
+                                   console=console)
     except UsageError as e:
         fail(str(e))
     raise typer.Exit(code)

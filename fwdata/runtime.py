@@ -33,11 +33,33 @@ R = TypeVar("R")
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def init_worker(threads: int) -> None:
-    """Runs once in each spawned worker process, before any clip: its thread pools get `threads`."""
+def init_worker(threads: int, parent: Optional[int] = None) -> None:
+    """Runs once in each spawned worker process, before any clip: its thread pools get `threads`, and
+    it dies with its parent (`parent`'s pid), however the parent dies (kill -9 included)."""
+    if parent is not None:
+        die_with_parent(parent)
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(threads)
     _set_torch_threads(threads)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`), so no
+    worker goes on writing into a dataset after the build that started it is gone. Elsewhere, or if
+    the parent is already gone, a worker whose parent is not `parent` exits at once."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl in this libc
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 @contextlib.contextmanager
@@ -111,11 +133,11 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
     def new_pool() -> ProcessPoolExecutor:
         with _worker_env(threads):
             return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                       initargs=(threads,))
+                                       initargs=(threads, os.getpid()))
 
     def alone(item: T) -> tuple[Optional[R], Optional[BaseException]]:
         with _worker_env(threads), ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=init_worker,
-                                                       initargs=(threads,)) as one:
+                                                       initargs=(threads, os.getpid())) as one:
             try:
                 return one.submit(fn, item).result(), None
             except BrokenProcessPool:
@@ -157,8 +179,22 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
                 item, fut = pair
                 err = fut.exception()
                 yield (item, None, err) if err is not None else (item, fut.result(), None)
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM, the caller stopped reading): the clips in flight are abandoned,
+        # their workers stopped now rather than finishing into the output
+        _stop_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate the worker processes of a ProcessPoolExecutor (its `_processes`: pid -> Process)."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        try:
+            proc.terminate()
+        except Exception:  # pragma: no cover - already gone
+            pass
 
 
 _END = object()
@@ -222,3 +258,31 @@ def load_config_file(model: type[M], path: Union[str, Path, None] = None, overri
         return model.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as e:
         raise error(pydantic_one_line(e, str(path) if path is not None else "")) from None
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop` and Kubernetes send), handled exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the body runs (in the main thread), SIGTERM raises `Terminated` instead of killing the
+    process, so finished work is kept and workers are stopped; exit with 143 (128 + 15) after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -135,6 +135,11 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest state."),
     resume_step: Optional[int] = typer.Option(None, "--resume-step", help="With --resume: continue from step N."),
+    allow_missing_sidecar: bool = typer.Option(
+        False, "--allow-missing-sidecar",
+        help="Load --init-from (or the resumed weights) without its .json sidecar: no size or sha256 check "
+        "(logs a warning). Without this flag a checkpoint with no sidecar is refused.",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="A few steps on one sample: shapes, memory, step time; writes nothing."
     ),
@@ -160,7 +165,7 @@ def train(
     try:
         cfg = load_config(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}, set_)
         run_train(cfg, resume=resume or resume_step is not None, resume_step=resume_step, dry_run=dry_run,
-                  quiet=quiet, echo=typer.echo)
+                  quiet=quiet, echo=typer.echo, allow_missing_sidecar=allow_missing_sidecar)
     except TrainingAborted as err:
         fail(str(err), code=1)
     except user_errors as err:

@@ -26,7 +26,9 @@ Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
     metrics.jsonl               one JSON object per logged step (the TensorBoard scalars)
     tb/                         TensorBoard events
     step-N.safetensors (+.json) trainable weights + sidecar every checkpoint_every steps
-    state/step-N/               optimizer, scheduler, RNG per rank, data position (for --resume)
+    state/step-N/               optimizer, scheduler, RNG per rank, data position (for --resume), and
+                                manifest.json (size + sha256 of each file, written last): `--resume`
+                                verifies every file before loading anything and refuses a damaged state
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from safetensors.torch import save_file
 
 from fwdata import __version__
 from fwdata.runtime import ConfigFileError, load_config_file
-from fwmodel.checkpoint import load_trainable, read_checkpoint_header, save_trainable
+from fwmodel.checkpoint import file_sha256, load_trainable, save_trainable, verify_checkpoint_file
 from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
 from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
 from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
@@ -62,6 +64,8 @@ from fwmodel.memory import GIB, check_fits, device_capacity, estimate_memory
 from fwmodel.stages import TRAINED_PARTS, set_trainable, trainable_module_names
 
 STATE_FORMAT = "fwmodel-train-state"
+MANIFEST = "manifest.json"  # written last into each state/step-N/: size and sha256 of every other file
+MANIFEST_FORMAT = "fwmodel-train-state-manifest"
 
 
 class ConfigError(ConfigFileError):
@@ -384,12 +388,13 @@ def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger):
     return model
 
 
-def load_stage1(model, path: Path, stage: int, log: RunLogger) -> None:
+def load_stage1(model, path: Path, stage: int, log: RunLogger, allow_missing_sidecar: bool = False) -> None:
     """Initialise from a Stage-1 file (or a Stage-2 one) and print exactly what was loaded."""
-    header = read_checkpoint_header(path)
+    header = verify_checkpoint_file(path, verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
     file_stage = header.get("stage")
     load_stage = 2 if (stage == 2 and file_stage == 2) else 1
-    info = load_trainable(model, path, load_stage)
+    _warn_missing_sidecar(path, log)
+    info = load_trainable(model, path, load_stage, allow_missing_sidecar=allow_missing_sidecar)
     loaded = [n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINED_PARTS[load_stage]]
     n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(loaded))
     modules = sorted({".".join(n.split(".")[:2]) for n in loaded})
@@ -402,6 +407,13 @@ def load_stage1(model, path: Path, stage: int, log: RunLogger) -> None:
     if fresh:
         log.info(f"Stage-2 modules starting from their zero-gated initialisation: {', '.join(fresh)} "
                  f"({len(info.missing)} tensors, exactly the expected missing set)")
+
+
+def _warn_missing_sidecar(path: Path, log: RunLogger) -> None:
+    """Put the missing-sidecar warning in train.log too (checks already allowed it)."""
+    if not path.with_suffix(".json").is_file():
+        log.info(f"warning: {path} has no sidecar: loaded without the size and sha256 checks "
+                 "(--allow-missing-sidecar)")
 
 
 def lr_factor(step: int, cfg: OptimSection, num_steps: int) -> float:
@@ -453,12 +465,13 @@ def _state_root(output: Path) -> Path:
 
 
 def list_states(output: Path) -> list[int]:
+    """Steps of the state/step-N folders, damaged ones included (resume verifies the one it uses)."""
     root = _state_root(output)
     if not root.is_dir():
         return []
     steps = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith("step-") and (d / "trainer.json").is_file():
+        if d.is_dir() and d.name.startswith("step-"):
             try:
                 steps.append(int(d.name[5:]))
             except ValueError:
@@ -516,6 +529,103 @@ def _set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
+def write_manifest(directory: Path, step: int) -> Path:
+    """Write manifest.json (size and sha256 of every file in `directory`) atomically; call it last."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    tmp = directory / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    return directory / MANIFEST
+
+
+def _refuse_state(directory: Path, problem: str, output: Path) -> ResumeError:
+    """The one-line error for a damaged state: what is wrong, and the states to resume from instead."""
+    others = [s for s in list_states(output) if _state_root(output) / f"step-{s}" != directory]
+    fix = (f"resume from an earlier state with --resume-step N (available: {', '.join(map(str, others))}) "
+           "or start a new run in another --output" if others else "start a new run in another --output")
+    return ResumeError(f"cannot resume from {directory}: {problem}; {fix}")
+
+
+def _read_manifest(directory: Path, output: Path) -> dict:
+    """manifest.json of a state folder as {file name: {bytes, sha256}}; ResumeError when absent or unreadable."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise _refuse_state(directory, f"it has no {MANIFEST} (written by an older fwmodel, or removed), so its "
+                            "files cannot be verified", output)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _refuse_state(directory, f"{path} is unreadable ({err})", output) from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or not all(isinstance(v, dict) for v in files.values())):
+        raise _refuse_state(directory, f"{path} is not a state manifest", output)
+    return files
+
+
+def _verify_state_files(directory: Path, output: Path) -> dict:
+    """Every file of the manifest is there with its size and sha256; returns the manifest's files."""
+    files = _read_manifest(directory, output)
+    for name in ("trainer.json", "optimizer.safetensors"):
+        if name not in files:
+            raise _refuse_state(directory, f"its {MANIFEST} does not list {name}", output)
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise _refuse_state(directory, f"{path} is missing", output)
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise _refuse_state(directory, f"{path} is damaged: {size} bytes, the manifest says "
+                                f"{entry.get('bytes')} (truncated?)", output)
+        if file_sha256(path) != entry.get("sha256"):
+            raise _refuse_state(directory, f"{path} is damaged: its sha256 does not match the manifest", output)
+    return files
+
+
+@dataclass
+class SavedState:
+    """A verified state/step-N folder: every file matches its manifest; trainer.json parsed."""
+    directory: Path
+    step: int
+    trainer: dict
+
+
+def open_state(output: Path, step: Optional[int], allow_missing_sidecar: bool = False) -> SavedState:
+    """Find and verify the state to resume (latest or `step`) before anything is loaded or written.
+
+    Raises ResumeError naming the missing or damaged file (manifest, trainer.json, optimizer, RNG,
+    or the step-N.safetensors weights) and the states that could be used instead.
+    """
+    steps = list_states(output)
+    if not steps:
+        raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
+                          f"train.checkpoint_every steps); start without --resume")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ResumeError(f"no resumable state for step {step} in {output}; available: {', '.join(map(str, steps))}")
+    directory = _state_root(output) / f"step-{step}"
+    files = _verify_state_files(directory, output)
+    try:
+        trainer = json.loads((directory / "trainer.json").read_text())
+    except ValueError as err:
+        raise _refuse_state(directory, f"{directory / 'trainer.json'} is not valid JSON ({err})", output) from err
+    if not isinstance(trainer, dict) or trainer.get("format") != STATE_FORMAT or trainer.get("step") != step:
+        raise _refuse_state(directory, f"{directory / 'trainer.json'} is not the trainer state of step {step}", output)
+    for rank in range(int(trainer.get("world_size", 1))):
+        for name in (f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"):
+            if name not in files:
+                raise _refuse_state(directory, f"{directory / name} is missing (not in the manifest)", output)
+    # the weights live beside state/ (step-N.safetensors): their sidecar is their manifest
+    verify_checkpoint_file(output / str(trainer.get("weights")), verify_hash=False,
+                           allow_missing_sidecar=allow_missing_sidecar)
+    return SavedState(directory, step, trainer)
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done (skipped ones included)
@@ -563,6 +673,7 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
     (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng_meta))
     d.barrier()
     if d.is_main:
+        write_manifest(tmp, step)  # last: a folder with a manifest holds every file complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -573,17 +684,10 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
     return weights
 
 
-def load_state(output: Path, step: Optional[int], model, optimizer, scheduler, names, cfg: TrainConfig,
-               data_fp: str, d: Dist, log: RunLogger) -> TrainState:
-    steps = list_states(output)
-    if not steps:
-        raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
-                          f"train.checkpoint_every steps); start without --resume")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ResumeError(f"no resumable state for step {step} in {output}; available: {', '.join(map(str, steps))}")
-    directory = _state_root(output) / f"step-{step}"
-    trainer = json.loads((directory / "trainer.json").read_text())
+def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, names, cfg: TrainConfig,
+               data_fp: str, d: Dist, log: RunLogger, allow_missing_sidecar: bool = False) -> TrainState:
+    """Load a state verified by `open_state`: weights, optimizer, scheduler, RNG, counters."""
+    directory, step, trainer = saved.directory, saved.step, saved.trainer
     if trainer.get("stage") != cfg.train.stage:
         raise ResumeError(f"{directory} is a Stage-{trainer.get('stage')} run; resume it with --stage {trainer.get('stage')}")
     if trainer["config_hash"] != config_hash(cfg):
@@ -598,7 +702,9 @@ def load_state(output: Path, step: Optional[int], model, optimizer, scheduler, n
     if trainer["global_micro_batch"] != cfg.train.batch_size * d.world_size:
         raise ResumeError(f"the run used {trainer['global_micro_batch']} samples per micro-step "
                           f"(batch_size x GPUs); now {cfg.train.batch_size} x {d.world_size}: keep it equal to resume")
-    info = load_trainable(model, output / trainer["weights"], cfg.train.stage)
+    _warn_missing_sidecar(output / trainer["weights"], log)
+    info = load_trainable(model, output / trainer["weights"], cfg.train.stage,
+                          allow_missing_sidecar=allow_missing_sidecar)
     with safe_open(str(directory / "optimizer.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     _load_optimizer(optimizer, names, {k: v.to(d.device) for k, v in tensors.items()}, trainer["param_groups"])
@@ -687,8 +793,13 @@ def _describe_shapes(inputs: dict, outputs: dict) -> list[str]:
 
 
 def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = None, dry_run: bool = False,
-          quiet: bool = False, echo: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) one training stage as configured. See the module docstring."""
+          quiet: bool = False, echo: Callable[[str], None] = print,
+          allow_missing_sidecar: bool = False) -> TrainResult:
+    """Run (or resume) one training stage as configured. See the module docstring.
+
+    `allow_missing_sidecar` loads --init-from (or the resumed weights) without its .json sidecar,
+    i.e. without the size and sha256 checks; a warning is logged. By default that is refused.
+    """
     if dry_run:
         cfg = cfg.model_copy(update={
             "train": cfg.train.model_copy(update={"num_steps": cfg.train.dry_run_steps, "batch_size": 1,
@@ -704,9 +815,10 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
     if resume and output is not None and not list_states(output):
         raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
                           "train.checkpoint_every steps); start without --resume")
+    saved = open_state(output, resume_step, allow_missing_sidecar) if resume and output is not None else None
     log = RunLogger(d, quiet, echo)
     try:
-        return _train(cfg, d, log, output, resume, resume_step, dry_run)
+        return _train(cfg, d, log, output, saved, dry_run, allow_missing_sidecar)
     except Exception as err:
         if log.file:  # the reason a run stopped belongs in its log
             log.info(f"error: {type(err).__name__}: {err}", console=False)
@@ -715,8 +827,8 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
         log.close()
 
 
-def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], resume: bool,
-           resume_step: Optional[int], dry_run: bool) -> TrainResult:
+def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], saved: Optional[SavedState],
+           dry_run: bool, allow_missing_sidecar: bool) -> TrainResult:
     stage = cfg.train.stage
     tcfg = cfg.train
     model_config = get_preset(cfg.model.preset)
@@ -726,14 +838,15 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
             "latent + mask) and CLIP image tokens, which the trainer does not build yet; train a text-to-video "
             "preset (wan2.1-t2v-1.3b)"
         )
-    resuming = resume and output is not None
+    resuming = saved is not None
     if not resuming and stage == 2 and cfg.model.init_from is None:
         raise ConfigError(
             "Stage 2 starts from the Stage-1 checkpoint: pass --init-from "
             "outputs/fantasy_world_stage1/step-20000.safetensors (or set STAGE1_CHECKPOINT / model.init_from)"
         )
     if not resuming and cfg.model.init_from is not None:
-        read_checkpoint_header(cfg.model.init_from)  # a wrong path or a damaged header fails now, not after loading
+        # a wrong path, a damaged header or a missing/edited sidecar fails now, not after loading
+        verify_checkpoint_file(cfg.model.init_from, verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
     log.info(f"fwmodel {__version__} - Stage {stage} ({'latent bridging' if stage == 1 else 'unified co-optimisation'})"
              f" - preset {model_config.name} - {d.world_size} process(es) on {d.device}"
              + (" - DRY RUN" if dry_run else ""))
@@ -764,8 +877,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
 
     # ---- output folder: only now is anything written ----
     if output is not None:
-        resume_at = resume_step if resume_step is not None else (list_states(output)[-1] if resuming else None)
-        log.open(output, resume_step=resume_at if resuming else None)
+        log.open(output, resume_step=saved.step if resuming else None)
         if d.is_main:
             (output / "config.toml").write_text(config_toml(cfg))
         log.info(f"output: {output} (config.toml, train.log, metrics.jsonl, tb/, step-N.safetensors, state/)")
@@ -773,7 +885,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
     # ---- model, optimizer ----
     model = build_model(cfg, d.device, log)
     if not resuming and cfg.model.init_from is not None:
-        load_stage1(model, cfg.model.init_from, stage, log)
+        load_stage1(model, cfg.model.init_from, stage, log, allow_missing_sidecar)
     names, optimizer, scheduler = build_optimizer(model, cfg, d.device)
     groups = module_groups(model, stage)
     n_train = sum(p.numel() for ps in groups.values() for p in ps)
@@ -783,7 +895,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], re
 
     state = TrainState()
     if resuming:
-        state = load_state(output, resume_step, model, optimizer, scheduler, names, cfg, dataset.fingerprint, d, log)
+        state = load_state(output, saved, model, optimizer, scheduler, names, cfg, dataset.fingerprint, d, log,
+                           allow_missing_sidecar)
 
     ddp_model = model
     if d.enabled:

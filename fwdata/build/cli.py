@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
+from fwdata.runtime import Terminated, sigterm_as_interrupt
 from fwdata.build.pipeline import BuildConfig, BuildSummary, ClipOutcome, ConfigError, build_dataset, load_config
 from fwdata.cli_common import EXIT_USAGE
 from fwdata.build.depth import DepthModelError
@@ -58,13 +59,19 @@ class RichBuildProgress:
         if self.progress is not None:
             self.progress.update(self.task, advance=1, status=self._status())
             if not outcome.ok:
-                self.progress.console.print(f"  [red]failed[/] {escape(Path(outcome.source).name)} (clip at frame "
-                                            f"{outcome.clip_start}) {escape(f'[{outcome.stage}]')} "
-                                            f"{escape(outcome.reason)}", highlight=False, soft_wrap=True)
+                self.progress.console.print(f"  [red]failed[/] {_shown(Path(outcome.source).name)} (clip at frame "
+                                            f"{outcome.clip_start}) {_shown(f'[{outcome.stage}]')} "
+                                            f"{_shown(outcome.reason)}", highlight=False, soft_wrap=True)
 
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _shown(text: str) -> str:
+    """Text safe to print on one line: rich markup escaped, control characters (a newline in a file
+    name could forge a summary line) shown as escapes such as \\n."""
+    return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text)))
 
 
 def parse_intrinsics(text: str) -> tuple[float, float, float, float]:
@@ -111,7 +118,7 @@ def print_summary(console: Console, summary: BuildSummary) -> None:
         console.print(f"  {sum(summary.clip_seconds) / n:.1f} s per clip on average", highlight=False, soft_wrap=True)
     for f in summary.failures:
         where = f" (clip at frame {f.clip_start})" if f.clip_start is not None else ""
-        console.print(f"  [red]failed[/] {escape(f.source)}{where} {escape(f'[{f.stage}]')} {escape(f.reason)}",
+        console.print(f"  [red]failed[/] {_shown(f.source)}{where} {_shown(f'[{f.stage}]')} {_shown(f.reason)}",
                       highlight=False, soft_wrap=True)
     random = [m.name for m in summary.metadata.provenance.models if m.random_init]
     if random:
@@ -130,21 +137,23 @@ def run_build_command(videos: Sequence[Path], out: Path, preset: Optional[str], 
     command = command or "fwdata " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = RichBuildProgress(console, quiet=quiet)
     try:
-        summary = build_dataset(videos, out, config, force=force, progress=progress, command=command)
+        with sigterm_as_interrupt():
+            summary = build_dataset(videos, out, config, force=force, progress=progress, command=command)
     except (ConfigError, DepthModelError) as e:
         progress.finish()
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         progress.finish()
-        err_console.print("interrupted: finished clips are kept; run the same command again to continue",
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        err_console.print(f"{what}: finished clips are kept; run the same command again to continue",
                           highlight=False, soft_wrap=True)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     if quiet:
         console.print(f"{summary.out}: {summary.metadata.statistics.num_samples} samples, built {summary.built}, "
                       f"skipped {summary.skipped}, failed {len(summary.failures)}", highlight=False, soft_wrap=True)
         for f in summary.failures:
-            console.print(f"  failed {escape(f.source)} {escape(f'[{f.stage}]')} {escape(f.reason)}", highlight=False,
+            console.print(f"  failed {_shown(f.source)} {_shown(f'[{f.stage}]')} {_shown(f.reason)}", highlight=False,
                           soft_wrap=True)
     else:
         print_summary(console, summary)

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fwdata.dataset.contract import SourceRef, make_sample_id
-from fwdata.dataset.video import VideoError, VideoInfo, probe, read_frames
+from fwdata.dataset.video import VideoError, VideoInfo, content_fingerprint, frame_times, probe, read_frames
 
 #: file suffixes `fwdata build` picks up when given a folder
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -84,6 +84,8 @@ class ClipPlan:
     scale: tuple[float, float]
     sample_id: str
     rotation_deg: int = 0
+    fingerprint: str = ""  # content fingerprint of the source when it was probed (fwdata.dataset.video)
+    frame_times: tuple[float, ...] = ()  # presentation times of the clip's source frames (empty: index / fps)
 
     @property
     def source_frames(self) -> list[int]:
@@ -91,6 +93,10 @@ class ClipPlan:
 
     @property
     def timestamps(self) -> list[float]:
+        """Seconds of each clip frame in the source: its presentation time (variable frame rates
+        included), or index / fps when the container gave none."""
+        if len(self.frame_times) == self.num_frames:
+            return list(self.frame_times)
         return [f / self.info.fps for f in self.source_frames]
 
     @property
@@ -102,6 +108,7 @@ class ClipPlan:
             path=self.source, size_bytes=self.source_size, fps=self.info.fps, num_frames=self.info.num_frames,
             width=self.info.width, height=self.info.height, start_frame=self.start_frame, stride=self.stride,
             crop_xywh=self.crop_xywh, resize_scale=self.scale, rotation_deg=self.rotation_deg,
+            fingerprint=self.fingerprint or None,
         )
 
 
@@ -226,13 +233,19 @@ def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
     out_h, out_w = output_size(info, opts)
     crop, scale = crop_and_scale(info.height, info.width, out_h, out_w)
     size = path.stat().st_size
+    fingerprint = content_fingerprint(path)
     rotation = probe_rotation(path)
     start = 0
     while start + span <= info.num_frames:
-        sid = make_sample_id(path.name, size, start, stride, opts.num_frames)
+        sid = make_sample_id(path.name, fingerprint, start, stride, opts.num_frames, out_h, out_w)
+        idx = [start + i * stride for i in range(opts.num_frames)]
+        try:
+            times = tuple(frame_times(path, idx))
+        except VideoError:
+            times = ()
         plan.clips.append(ClipPlan(source=str(path), source_size=size, info=info, start_frame=start, stride=stride,
                                    num_frames=opts.num_frames, height=out_h, width=out_w, crop_xywh=crop, scale=scale,
-                                   sample_id=sid, rotation_deg=rotation))
+                                   sample_id=sid, rotation_deg=rotation, fingerprint=fingerprint, frame_times=times))
         if opts.max_clips_per_video and len(plan.clips) >= opts.max_clips_per_video:
             break
         start += span + opts.clip_gap

@@ -17,6 +17,7 @@ between them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -36,6 +37,7 @@ from fwdata import __version__, quality
 from fwdata.build.align import AlignError, AlignOptions, AlignResult, align_depth
 from fwdata.build.clips import ClipOptions, ClipPlan, VideoPlan, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
 from fwdata.dataset.contract import (
+    BuildRun,
     CameraFile,
     ContractError,
     DatasetMetadata,
@@ -43,7 +45,9 @@ from fwdata.dataset.contract import (
     ModelInfo,
     Provenance,
     QualityMetrics,
+    SampleProvenance,
     SampleRecord,
+    load_metadata,
     sample_paths,
 )
 from fwdata.runtime import ConfigFileError, clip_threads, load_config_file, run_in_processes
@@ -53,6 +57,7 @@ from fwdata.build.sfm import SfmError, SfmOptions, SfmResult, run_sfm
 from fwdata.dataset.store import (
     DatasetBusy,
     SampleData,
+    check_output_folder,
     clean_stale_temp_files,
     finished_records,
     is_finished,
@@ -62,7 +67,7 @@ from fwdata.dataset.store import (
     write_lock,
     write_sample,
 )
-from fwdata.dataset.video import X264_OPTIONS, VideoError
+from fwdata.dataset.video import X264_OPTIONS, VideoError, content_fingerprint, decode_problems
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "build"
 
@@ -179,8 +184,20 @@ class BackgroundStepError(RuntimeError):
 
 
 def step_decode(job: ClipJob) -> None:
-    """Read the clip's source frames (streamed, in chunks) at the clip size."""
-    job.frames = load_clip(job.plan, job.config.clips.chunk_frames)
+    """Read the clip's source frames (streamed, in chunks) at the clip size, from the very file that was
+    probed: a source replaced since then would be built under the old content's id."""
+    plan = job.plan
+    if not Path(plan.source).is_file():
+        raise StepError("the source file is gone (deleted or moved since the build started)")
+    if plan.fingerprint and content_fingerprint(plan.source) != plan.fingerprint:
+        raise StepError("the source file changed since the build started (its content no longer matches); "
+                        "run the build again")
+    job.frames = load_clip(plan, job.config.clips.chunk_frames)
+    times = plan.timestamps
+    problems = decode_problems(plan.source, times[0], times[-1])
+    if problems:  # decord conceals damage (and prints it to stderr only): such frames are not labelled
+        raise StepError(f"the source is damaged: the decoder reported {len(problems)} error(s) in the clip's "
+                        f"frames ({problems[0]})")
 
 
 def step_sfm(job: ClipJob) -> None:
@@ -317,6 +334,8 @@ def make_record(job: ClipJob) -> SampleRecord:
         split=split_for(p.source, job.config.splits),
         quality=job.quality,
         notes=list(job.sfm.notes) + list(a.notes),
+        provenance=SampleProvenance(tool_version=__version__, options=recorded_options(job.config),
+                                    models=run_models(job.config)),
     )
 
 
@@ -375,6 +394,11 @@ def _reason(e: BaseException) -> str:
         return _one_line(str(e))
     if isinstance(e, MemoryError):
         return "out of memory; use fewer --workers or smaller clips"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("disk full while writing the sample (nothing of it was kept); free space and run the same "
+                "command again: finished clips are kept")
+    if isinstance(e, OSError) and e.errno == errno.EIO:
+        return f"writing the sample failed ({e.strerror or e}); nothing of it was kept"
     tb = traceback.extract_tb(e.__traceback__)
     where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     return f"unexpected {type(e).__name__}: {_one_line(str(e))}{where}"
@@ -441,13 +465,16 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
     """
     t0 = time.time()
     out = Path(out)
+    try:
+        check_output_folder(out)  # before any work: a bad --out is found in a second, not after every clip
+    except OSError as e:
+        raise ConfigError(str(e)) from None
     check_model_available(config.depth)
     plans, missing = plan_inputs(inputs, config.clips)
     if missing:
         raise ConfigError(f"input not found: {', '.join(missing)}")
     if not plans:
         raise ConfigError(f"no video files found in {', '.join(map(str, inputs))}")
-    out.mkdir(parents=True, exist_ok=True)
     try:
         with write_lock(out):
             return _build_locked(out, plans, config, force, progress, command, t0)
@@ -488,7 +515,11 @@ def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force:
         if o is not None and not o.ok:
             failures.append(FailedInput(source=plan.source, reason=o.reason, stage=o.stage,
                                         clip_start=plan.start_frame))
-    meta = assemble_metadata(out, config, failures, command)
+    try:
+        meta = assemble_metadata(out, config, failures, command, built=sum(o.ok for o in outcomes), skipped=skipped)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out / 'metadata.json'}: {e.strerror or e}; free space and run the same "
+                          f"command again (finished clips are kept)") from None
     if progress:
         progress.finish()
     return BuildSummary(out=out, num_videos=len(plans), num_clips=len(clips), built=sum(o.ok for o in outcomes),
@@ -554,24 +585,47 @@ def recorded_options(config: BuildConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude=set(RUN_OPTIONS))
 
 
-def assemble_metadata(out: Path, config: BuildConfig, failures: list[FailedInput], command: str) -> DatasetMetadata:
-    """metadata.json from the completion markers (every finished sample in `out`) and this run's failures."""
+def run_models(config: BuildConfig) -> list[ModelInfo]:
+    """The models and tools that make a sample with these options (recorded per sample and per dataset)."""
     import pycolmap
 
+    return [depth_model_info(config.depth),
+            ModelInfo(role="cameras", name=f"pycolmap {config.sfm.mapper} mapping", revision=pycolmap.__version__),
+            ModelInfo(role="video encoding", name="libx264 " + " ".join(f"{k}={v}" for k, v in X264_OPTIONS.items()),
+                      revision=f"av {package_versions().get('av', 'unknown')}")]
+
+
+def previous_runs(out: Path) -> list[BuildRun]:
+    """The run history of an existing dataset's metadata.json (empty when there is none or it is unreadable)."""
+    try:
+        return load_metadata(out).provenance.runs
+    except (ContractError, OSError, ValueError):
+        return []
+
+
+def assemble_metadata(out: Path, config: BuildConfig, failures: list[FailedInput], command: str,
+                      built: int = 0, skipped: int = 0) -> DatasetMetadata:
+    """metadata.json from the completion markers (every finished sample in `out`), this run's failures,
+    and the run history (earlier runs from the existing metadata.json, then this one)."""
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    runs = previous_runs(out) + [BuildRun(created=created, command=command, tool_version=__version__, built=built,
+                                          skipped=skipped, failed=len(failures))]
     records = finished_records(out)
-    models = [depth_model_info(config.depth),
-              ModelInfo(role="cameras", name=f"pycolmap {config.sfm.mapper} mapping", revision=pycolmap.__version__),
-              ModelInfo(role="video encoding", name="libx264 " + " ".join(f"{k}={v}" for k, v in X264_OPTIONS.items()),
-                        revision=f"av {package_versions().get('av', 'unknown')}")]
+    models = run_models(config)
+    for r in records:  # the dataset lists every model that made one of its samples (a rerun may differ)
+        for m in (r.provenance.models if r.provenance else []):
+            if m not in models:
+                models.append(m)
     meta = DatasetMetadata(
         name=config.name or out.resolve().name,
         provenance=Provenance(
             tool_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=created,
             command=command,
             options=recorded_options(config),
             models=models,
             packages=package_versions(),
+            runs=runs,
         ),
         samples=records,
         failures=failures,

@@ -442,7 +442,10 @@ def _extend(clip: _Clip, rec, keyframes: list[int]):
         todo.sort(key=lambda i: (int(np.abs(reg - i).min()), i))
         for i in todo:
             image_id = clip.image_ids[i]
-            if not mapper.register_next_image(mo, image_id):
+            try:
+                if not mapper.register_next_image(mo, image_id):
+                    continue
+            except IndexError:  # not in the mapper's cache: a frame without usable features (blank, black)
                 continue
             done.add(i)
             progress = True

@@ -103,16 +103,18 @@ _SLUG = re.compile(r"[^A-Za-z0-9]+")
 SAMPLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$"
 
 
-def make_sample_id(source_name: str, source_size: int, start_frame: int, stride: int, num_frames: int) -> str:
-    """Stable id for a clip: the same source file and clip range give the same id on every run.
+def make_sample_id(source_name: str, fingerprint: str, start_frame: int, stride: int, num_frames: int,
+                   height: int, width: int) -> str:
+    """Stable id for a clip: the same source content and clip options give the same id on every run.
 
-    `source_name` is the file name (not the full path, so moving the input folder keeps ids);
-    `source_size` its size in bytes tells apart different files of the same name.
-    Example: ``kitchen_walk-000120-3f9c2a1b``.
+    `fingerprint` identifies the source file's content (`fwdata.dataset.video.content_fingerprint`),
+    so two different files of the same name and size get different ids, and moving or renaming the
+    input folder keeps them; the clip's range (start, stride, T) and size (H, W) are in the key too.
+    `source_name` only gives the readable prefix. Example: ``kitchen_walk-000120-3f9c2a1b07de``.
     """
     slug = _SLUG.sub("_", Path(source_name).stem).strip("_")[:48] or "clip"
-    key = f"{source_name}|{source_size}|{start_frame}|{stride}|{num_frames}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    key = f"{fingerprint}|{start_frame}|{stride}|{num_frames}|{height}x{width}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return f"{slug}-{start_frame:06d}-{digest}"
 
 
@@ -386,30 +388,169 @@ POINTS_NPZ: dict[str, ArraySpec] = {
 }
 
 
-def check_npz_arrays(arrays: dict[str, np.ndarray], spec: dict[str, ArraySpec], dims: dict[str, int], source: str) -> None:
-    """Check an npz's keys, dtypes and shapes against a spec. Raises ContractError."""
-    missing = sorted(set(spec) - set(arrays))
-    extra = sorted(set(arrays) - set(spec))
-    if missing:
-        raise ContractError(f"{source}: missing arrays {missing}")
-    if extra:
-        raise ContractError(f"{source}: unexpected arrays {extra}")
+class NpzError(ContractError):
+    """An npz that breaks its spec. `problems` lists ``(kind, message)`` pairs, kind being ``"file"``
+    (unreadable, damaged, pickled objects, missing or extra arrays), ``"dtype"`` or ``"shape"``."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(m for _, m in problems))
+
+
+def _name_problems(names, spec: dict[str, ArraySpec]) -> list[tuple[str, str]]:
+    missing, extra = sorted(set(spec) - set(names)), sorted(set(names) - set(spec))
+    return ([("file", f"missing arrays {missing}")] if missing else []) + (
+        [("file", f"unexpected arrays {extra}")] if extra else [])
+
+
+def _spec_problems(arrays: dict, spec: dict[str, ArraySpec], dims: dict[str, int]) -> list[tuple[str, str]]:
+    """What breaks `spec` in `arrays` (arrays, or .npy headers: anything with .dtype and .shape).
+    Names first: with a missing or extra array, dtypes and shapes are not compared."""
+    out = _name_problems(arrays, spec)
+    if out:
+        return out
     for name, s in spec.items():
-        s.check(name, arrays[name], dims, source)
+        a = arrays[name]
+        if a.dtype != np.dtype(s.dtype):
+            out.append(("dtype", f"array {name!r} has dtype {a.dtype}, expected {s.dtype}"))
+        expected = tuple(dims.get(d, d) if isinstance(d, str) else d for d in s.shape)
+        if tuple(a.shape) != expected:
+            out.append(("shape", f"array {name!r} has shape {tuple(a.shape)}, expected {expected} {s.shape}"))
+    return out
+
+
+def check_npz_arrays(arrays: dict[str, np.ndarray], spec: dict[str, ArraySpec], dims: dict[str, int], source: str) -> None:
+    """Check an npz's keys, dtypes and shapes against a spec. Raises ContractError (an `NpzError`)."""
+    problems = _spec_problems(arrays, spec, dims)
+    if problems:
+        raise NpzError(source, problems)
+
+
+#: the longest .npy header read (numpy's own limit for untrusted files); our headers are ~128 bytes
+NPY_MAX_HEADER = 10_000
+_NPY_MAGIC = b"\x93NUMPY"
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What the header of one .npy member declares, read without touching its data."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+
+
+def _read_npy_header(fh) -> NpyHeader:
+    """The header of the .npy stream `fh` (left at the start of the data). The declared header length
+    is checked before the header is read, so a member claiming a 4 GB header reads 4 bytes, not 4 GB.
+    Raises ValueError."""
+    import io
+    import struct
+
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(fh)
+    if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names) is never needed by the contract
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    size_fmt = "<H" if version == (1, 0) else "<I"
+    size = fh.read(struct.calcsize(size_fmt))
+    if len(size) != struct.calcsize(size_fmt):
+        raise ValueError("the .npy header is truncated")
+    (length,) = struct.unpack(size_fmt, size)
+    if length > NPY_MAX_HEADER:
+        raise ValueError(f"the .npy header declares {length} bytes (at most {NPY_MAX_HEADER} are read)")
+    text = fh.read(length)
+    if len(text) != length:
+        raise ValueError("the .npy header is truncated")
+    reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran_order, dtype = reader(io.BytesIO(size + text), max_header_size=NPY_MAX_HEADER)
+    return NpyHeader(np.dtype(dtype), tuple(shape), bool(fortran_order))
+
+
+def _npz_members(zf) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Array name -> zip member name of an open `zipfile.ZipFile` (as numpy names them: ".npy" dropped),
+    and the arrays stored twice. Reads only the zip's directory."""
+    members: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for info in zf.infolist():
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if name in members:
+            problems.append(("file", f"array {name!r} is stored twice"))
+        members[name] = info.filename
+    return members, problems
+
+
+def read_npz(fh, spec: dict[str, ArraySpec], dims: dict[str, int], source: str) -> dict[str, np.ndarray]:
+    """Read the npz in the binary file `fh`, checked against `spec` and `dims` (T, H, W) before any array
+    is loaded. Raises NpzError.
+
+    The zip's member names and each member's .npy header (dtype, shape) are read first, and the file
+    is refused unless they are exactly what the spec allows for these dims; only then is each array
+    read, into memory of exactly that size. So a small file declaring (or inflating to) huge arrays,
+    a decompression bomb, is refused without allocating them; object arrays (pickles) are refused too.
+    """
+    import zipfile
+
+    try:
+        head = fh.read(len(_NPY_MAGIC))
+        fh.seek(0)
+        if head == _NPY_MAGIC:
+            raise NpzError(source, [("file", "not an npz archive (a single .npy array?)")])
+        with zipfile.ZipFile(fh) as zf:
+            members, problems = _npz_members(zf)
+            problems += _name_problems(members, spec)
+            if problems:
+                raise NpzError(source, problems)
+            headers = {}
+            for name in spec:
+                with zf.open(members[name]) as m:
+                    headers[name] = _read_npy_header(m)
+                if headers[name].dtype.hasobject:
+                    raise NpzError(source, [("file", f"cannot be read as npz (array {name!r} holds Python objects, "
+                                                     f"which need pickle: refused)")])
+            problems = _spec_problems(headers, spec, dims)
+            if problems:
+                raise NpzError(source, problems)
+            return {name: _read_npy_data(zf, members[name], headers[name]) for name in spec}
+    except NpzError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, ValueError (bad header), EOFError, RecursionError ...
+        raise NpzError(source, [("file", f"cannot be read as npz ({type(e).__name__}: {str(e)[:200]})")]) from None
+
+
+def _read_npy_data(zf, member: str, header: NpyHeader) -> np.ndarray:
+    """The array of one member whose header was checked: exactly the declared bytes, no more."""
+    with zf.open(member) as fh:
+        if _read_npy_header(fh) != header:
+            raise ValueError(f"the header of {member} changed while it was read")
+        shape = header.shape[::-1] if header.fortran_order else header.shape
+        arr = np.empty(shape, dtype=header.dtype)
+        buf = memoryview(arr.reshape(-1).view(np.uint8))
+        pos = 0
+        while pos < len(buf):
+            chunk = fh.read(min(_READ_CHUNK, len(buf) - pos))
+            if not chunk:
+                raise EOFError(f"{member} holds {pos} of the {len(buf)} bytes its header declares")
+            buf[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+        if fh.read(1):
+            raise ValueError(f"{member} holds more data than its header declares")
+    return arr.T if header.fortran_order else arr
 
 
 def load_npz(path: Union[str, Path], spec: dict[str, ArraySpec], dims: dict[str, int]) -> dict[str, np.ndarray]:
-    """Load an npz safely (no pickles) and check it against `spec`. Any damage -> ContractError."""
+    """Load an npz safely (no pickles, headers checked before any array is allocated: `read_npz`) and
+    check it against `spec`. Any damage -> ContractError."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        fh = open(path, "rb")
     except FileNotFoundError:
         raise ContractError(f"{path}: file is missing") from None
-    except Exception as e:  # zipfile.BadZipFile, ValueError, EOFError, zlib.error ... all mean "damaged"
-        raise ContractError(f"{path}: cannot be read as npz ({type(e).__name__}: {e})") from None
-    check_npz_arrays(arrays, spec, dims, str(path))
-    return arrays
+    except OSError as e:
+        raise ContractError(f"{path}: cannot be opened ({e.strerror})") from None
+    with fh:
+        return read_npz(fh, spec, dims, str(path))
 
 
 # --------------------------------------------------------------------------- metadata
@@ -426,6 +567,19 @@ class ModelInfo(BaseModel):
     random_init: bool = Field(False, description="True for randomly initialised models (tests, demos): labels are not real")
 
 
+class BuildRun(BaseModel):
+    """One run of `fwdata build` into the dataset (the dataset-level history; samples carry their own provenance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    created: str = Field(description="ISO 8601 UTC time the run finished")
+    command: str = ""
+    tool_version: str
+    built: int = Field(0, ge=0)
+    skipped: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+
+
 class Provenance(BaseModel):
     """How the dataset was made."""
 
@@ -435,9 +589,23 @@ class Provenance(BaseModel):
     tool_version: str
     created: str = Field(description="ISO 8601 UTC time of the (last) build")
     command: str = Field("", description="the command that made the dataset")
-    options: dict = Field(default_factory=dict, description="resolved build options")
-    models: list[ModelInfo] = Field(default_factory=list)
+    options: dict = Field(default_factory=dict, description="resolved build options of the last run")
+    models: list[ModelInfo] = Field(default_factory=list, description="every model that made a sample of the dataset")
     packages: dict[str, str] = Field(default_factory=dict, description="versions of key packages")
+    runs: list[BuildRun] = Field(default_factory=list, description="every build run into the dataset, oldest first")
+
+
+class SampleProvenance(BaseModel):
+    """What made one sample: the tool version, the options that shape the data, the models.
+
+    No time or command here (they are in `Provenance.runs`), so the same inputs and options give
+    the same record however the build was run."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    tool_version: str
+    options: dict = Field(default_factory=dict, description="build options that shaped this sample")
+    models: list[ModelInfo] = Field(default_factory=list)
 
 
 class SamplePaths(BaseModel):
@@ -463,6 +631,8 @@ class SourceRef(BaseModel):
 
     path: str = Field(description="the source video as given to the build (outside the dataset; informational)")
     size_bytes: Optional[int] = None
+    fingerprint: Optional[str] = Field(None, description="content fingerprint of the source file (what the sample "
+                                                         "id is derived from; fwdata.dataset.video)")
     fps: float = Field(gt=0, description="frame rate of the source video")
     num_frames: int = Field(ge=1, description="frames in the source video")
     width: int = Field(gt=0)
@@ -529,6 +699,10 @@ class SampleRecord(BaseModel):
     status: SampleStatus = "ok"
     quality: QualityMetrics = Field(default_factory=QualityMetrics)
     notes: list[str] = Field(default_factory=list)
+    video_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                        description="sha256 of videos/<id>.mp4 as written (a swapped or replaced "
+                                                    "video no longer matches)")
+    provenance: Optional[SampleProvenance] = Field(None, description="what made this sample (None: older datasets)")
 
     @model_validator(mode="after")
     def _check_dims(self) -> "SampleRecord":

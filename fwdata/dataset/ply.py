@@ -6,6 +6,7 @@ file into a finding with a reason, and a native reader may crash or silently ret
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,6 +49,13 @@ def write_cloud(path: Union[str, Path], cloud) -> None:
 
     if not o3d.io.write_point_cloud(str(path), cloud, write_ascii=False):
         raise OSError(f"open3d could not write {path}")
+    # open3d reports success after a short write (a full disk): read the file back with our own reader
+    try:
+        n = len(read_ply_xyz(path))
+    except ValueError as e:
+        raise OSError(errno.EIO, f"the point cloud written to {path} is incomplete ({e}); is the disk full?") from None
+    if n != len(cloud.points):
+        raise OSError(errno.EIO, f"the point cloud written to {path} holds {n} of {len(cloud.points)} points")
 
 
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",

@@ -32,7 +32,7 @@ from fwdata.dataset.contract import (
     metadata_json,
     sample_paths,
 )
-from fwdata.dataset.layout import LOCK_FILE, MARKER_DIR, dataset_dirs, is_temp_name, marker_path, temp_writer_pid, tmp_name
+from fwdata.dataset.layout import INTERNAL_DIR, LOCK_FILE, MARKER_DIR, dataset_dirs, is_temp_name, marker_path, temp_writer_pid, tmp_name
 from fwdata.dataset.ply import fused_cloud, write_cloud
 from fwdata.dataset.video import write_mp4
 
@@ -44,14 +44,43 @@ def clean_stale_temp_files(root: Union[str, Path]) -> int:
     root = Path(root)
     removed = 0
     for d in [root, *dataset_dirs(root), root / MARKER_DIR]:
-        if not d.is_dir():
-            continue
+        if not d.is_dir() or (d != root and not is_inside(d, root)):
+            continue  # never delete anything outside the dataset
         for p in d.iterdir():
             pid = temp_writer_pid(p.name)
-            if pid is not None and p.is_file() and not _pid_alive(pid):
+            if pid is not None and not p.is_symlink() and p.is_file() and not _pid_alive(pid):
                 p.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def is_inside(path: Union[str, Path], root: Union[str, Path]) -> bool:
+    """True when `path` (symlinks resolved) lies inside `root` (resolved)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
+
+
+def check_output_folder(root: Union[str, Path]) -> None:
+    """Make sure a dataset can be written at `root` before any work: a folder (created if missing),
+    writable, whose own folders (videos/, depth/, points/, camera_params/, .fwdata/) do not lead
+    outside it. Raises OSError with one line naming the problem."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OSError(f"{root} exists and is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create {root}: {e.strerror or e}") from None
+    for d in [*dataset_dirs(root), root / INTERNAL_DIR, root / MARKER_DIR]:
+        if (d.is_symlink() or d.exists()) and not is_inside(d, root):
+            raise OSError(f"{d} leads outside the dataset (a symlink to {os.path.realpath(d)}); a dataset's own "
+                          f"folders must be inside it")
+    probe = tmp_name(root / ".write-test")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write into {root}: {e.strerror or e}") from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,8 +164,9 @@ class SampleData:
     points_valid: Optional[np.ndarray] = None
 
 
-def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData, write_ply: bool = True) -> None:
-    """Write one sample's files atomically, then its completion marker.
+def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData, write_ply: bool = True) -> SampleRecord:
+    """Write one sample's files atomically, then its completion marker; returns the record as written
+    (with the video's sha256).
 
     The arrays are checked against the contract before anything is written; a ContractError
     means nothing of this sample was written.
@@ -171,7 +201,9 @@ def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData,
         return tmp
 
     try:
-        write_mp4(stage(p.video), data.frames, fps=record.fps)
+        video_tmp = stage(p.video)
+        write_mp4(video_tmp, data.frames, fps=record.fps)
+        record = record.model_copy(update={"video_sha256": file_sha256(video_tmp)})
         for rel, arrays in ((p.depth, depth_arrays), (p.points, points_arrays)):
             stage(rel).write_bytes(npz_bytes(arrays))
         stage(p.camera_json).write_text(data.cameras.model_dump_json(indent=1) + "\n")
@@ -188,6 +220,18 @@ def write_sample(root: Union[str, Path], record: SampleRecord, data: SampleData,
             if tmp.exists():
                 tmp.unlink()
     atomic_write_text(marker_path(root, record.id), record.model_dump_json(indent=1) + "\n")
+    return record
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def finished_records(root: Union[str, Path]) -> list[SampleRecord]:

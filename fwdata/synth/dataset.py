@@ -69,7 +69,7 @@ def _source_name(seed: int, kind: str) -> str:
 
 def synthetic_id(seed: int, kind: str, num_frames: int) -> str:
     """Sample id of a synthetic clip (stable, like every sample id)."""
-    return make_sample_id(_source_name(seed, kind), 0, 0, 1, num_frames)
+    return make_sample_id(_source_name(seed, kind), f"synthetic seed={seed} path={kind}", 0, 1, num_frames, 0, 0)
 
 
 def synthetic_sample(clip: "synth.SyntheticClip", opts: SynthOptions) -> tuple[SampleRecord, SampleData]:

@@ -19,15 +19,17 @@ sample, not by the dataset. Damaged files (npz, mp4, json, txt, ply) become find
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from fwdata.dataset.contract import METADATA_FILE, SampleRecord
 from fwdata.runtime import WorkerDied, run_in_processes
 from fwdata.validate import gates
-from fwdata.validate.metadata import check_metadata, check_tree
+from fwdata.validate.metadata import check_metadata, check_tree, shown_path
 from fwdata.validate.registry import INTERNAL_IDS, REGISTRY, CheckTally, Severity, declared, emits
 from fwdata.validate.results import (
     CheckSummary,
@@ -74,6 +76,22 @@ def _iter_results(root: Path, records: list[SampleRecord], tol: gates.Tolerances
         yield res
 
 
+def check_path_option(what: str, path: Union[str, Path]) -> None:
+    """UsageError (one line) for a path option that no system call can take: a NUL byte, too long."""
+    text = str(path)
+    if "\x00" in text:
+        raise UsageError(f"{what} {shown_path(text)}: the path contains a NUL byte")
+    try:
+        os.stat(text)
+    except FileNotFoundError:
+        pass  # the caller says what is missing
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise UsageError(f"{what} {shown_path(text)}: {e.strerror}") from None
+    except ValueError as e:  # e.g. unencodable characters
+        raise UsageError(f"{what} {shown_path(text)}: {e}") from None
+
+
 def _apply_severity(findings: list[Finding], overrides: dict[str, str]) -> list[Finding]:
     out = []
     for f in findings:
@@ -104,8 +122,11 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     root = Path(opts.dataset)
+    check_path_option("dataset folder", root)
     if not root.is_dir():
         raise UsageError(f"dataset folder {root} does not exist")
+    if opts.gates is not None:
+        check_path_option("gate file", opts.gates)
     if config is None:
         try:
             config = gates.load_gates(opts.gates)

@@ -203,8 +203,11 @@ def load_gates(path: Union[str, Path, None]) -> GateConfig:
     """Read a gate TOML file (None -> the built-in defaults). Raises GateError naming the file and key."""
     if path is None:
         return GateConfig()
-    return load_config_file(GateConfig, path, error=GateError, missing_hint="see pipelines/gates/ for examples",
-                            defaults={"name": Path(path).stem})
+    try:
+        return load_config_file(GateConfig, path, error=GateError, missing_hint="see pipelines/gates/ for examples",
+                                defaults={"name": Path(path).stem})
+    except RecursionError:  # tomllib recurses per nesting level
+        raise GateError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 # --------------------------------------------------------------------------- evaluation

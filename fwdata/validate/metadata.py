@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import ValidationError
 
@@ -65,18 +66,106 @@ def check_metadata(root: Path, tally: CheckTally) -> _MetaResult:
     return out
 
 
-@emits("schema.metadata_json")
+#: the longest path (bytes) and file name accepted in metadata: Linux's PATH_MAX and NAME_MAX
+_PATH_MAX, _NAME_MAX = 4095, 255
+
+
+def shown_path(rel: str, limit: int = 120) -> str:
+    """`rel` for a message: control characters escaped, shortened when long."""
+    text = rel if rel.isprintable() else ascii(rel)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(rel)} characters)"
+
+
+def _plain(text: Any) -> bool:
+    """True for a string that can name a sample or file in a report as it is (printable, not huge)."""
+    return isinstance(text, str) and text.isprintable() and len(text) <= 300
+
+
+def check_inside(root: Path, rel: str) -> Path:
+    """The real path of `rel` under `root`, checked before anything is opened: a relative path without
+    '..', no NUL byte, not longer than the system allows, and the path and every folder it goes
+    through resolve inside the root (a folder symlinked out of the root is an escape even when the
+    file it leads to is back inside). Raises PathEscapeError."""
+    if not isinstance(rel, str):
+        raise PathEscapeError(f"path {rel!r} is not a string")
+    if "\x00" in rel:
+        raise PathEscapeError(f"path {shown_path(rel)} contains a NUL byte")
+    try:
+        encoded = os.fsencode(rel)
+    except UnicodeError:
+        raise PathEscapeError(f"path {shown_path(rel)} is not a valid file name (unencodable characters)") from None
+    if len(encoded) > _PATH_MAX or any(len(part) > _NAME_MAX for part in encoded.split(b"/")):
+        raise PathEscapeError(f"path {shown_path(rel)} is too long ({len(encoded)} bytes; at most {_PATH_MAX}, "
+                              f"{_NAME_MAX} per name)")
+    try:
+        target = resolve_inside(root, rel)
+        root_real = os.path.realpath(root)
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folder = os.path.realpath(os.path.join(root_real, *parts[:i]))
+            if os.path.commonpath([root_real, folder]) != root_real:
+                raise PathEscapeError(f"path {rel!r} goes through {'/'.join(parts[:i])!r}, which resolves to "
+                                      f"{folder}, outside the dataset root {root_real}")
+    except (OSError, ValueError) as e:
+        if isinstance(e, PathEscapeError):
+            raise
+        raise PathEscapeError(f"path {shown_path(rel)} cannot be resolved ({e})") from None
+    return target
+
+
+class _NotRegularFile(OSError):
+    pass
+
+
+def read_regular_file(path: Union[str, Path]) -> bytes:
+    """The bytes of a regular file; a FIFO, device or folder raises _NotRegularFile without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegularFile(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+@emits("schema.metadata_json", "schema.path_escape")
 def _read_metadata_json(root: Path, f: list[Finding]) -> Optional[dict]:
-    """metadata.json as a JSON object, or None (with a finding) when it is missing or not one."""
+    """metadata.json as a JSON object, or None (with a finding) when it is missing, not one, or leaves
+    the root. Where it resolves is checked first; a metadata.json outside the root is never opened."""
     path = root / METADATA_FILE
-    if not path.is_file():
-        f.append(_dfind("schema.metadata_json", f"{METADATA_FILE} is missing; is {root} a dataset made by "
-                                                f"`fwdata build`?", file=METADATA_FILE))
+    missing = _dfind("schema.metadata_json", f"{METADATA_FILE} is missing; is {root} a dataset made by "
+                                             f"`fwdata build`?", file=METADATA_FILE)
+    if not os.path.lexists(path):
+        f.append(missing)
         return None
     try:
-        raw = json.loads(path.read_bytes())
+        real = check_inside(root, METADATA_FILE)
+    except PathEscapeError as e:
+        f.append(_dfind("schema.path_escape", f"{METADATA_FILE} (a symlink) leaves the dataset root, so it is not "
+                                              f"read: {e}", file=METADATA_FILE))
+        return None
+    try:
+        data = read_regular_file(real)
+    except FileNotFoundError:  # a dangling symlink
+        f.append(missing)
+        return None
+    except _NotRegularFile:
+        f.append(_dfind("schema.metadata_json", f"{METADATA_FILE} is not a regular file (a folder, FIFO or "
+                                                f"device?)", file=METADATA_FILE))
+        return None
+    except OSError as e:
+        f.append(_dfind("schema.metadata_json", f"{METADATA_FILE} cannot be read ({e.strerror or e})",
+                        file=METADATA_FILE))
+        return None
+    try:
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         f.append(_dfind("schema.metadata_json", f"not valid JSON ({e})", file=METADATA_FILE))
+        return None
+    except RecursionError:
+        f.append(_dfind("schema.metadata_json", "not valid JSON (nested too deeply)", file=METADATA_FILE))
         return None
     if not isinstance(raw, dict):
         f.append(_dfind("schema.metadata_json", f"top level is a {type(raw).__name__}, expected an object",
@@ -132,7 +221,7 @@ def _check_records(root: Path, out: _MetaResult, raw_ids: list[Optional[str]]) -
     f = out.findings
     seen: set[str] = set()
     for i, s in enumerate(out.raw_samples):
-        label = raw_ids[i] if isinstance(raw_ids[i], str) else f"samples[{i}]"
+        label = raw_ids[i] if _plain(raw_ids[i]) else f"samples[{i}]"
         if not isinstance(s, dict):
             f.append(_dfind("schema.sample_record", "not an object", sample=label, file=METADATA_FILE))
             continue
@@ -142,10 +231,10 @@ def _check_records(root: Path, out: _MetaResult, raw_ids: list[Optional[str]]) -
             if rel is None:
                 continue
             try:
-                resolve_inside(root, rel if isinstance(rel, str) else "")
+                check_inside(root, rel if isinstance(rel, str) else "")
             except PathEscapeError as e:
-                f.append(_dfind("schema.path_escape", f"paths.{key}: {e}", sample=label,
-                                file=rel if isinstance(rel, str) else None))
+                f.append(_dfind("schema.path_escape", f"paths.{shown_path(str(key))}: {e}", sample=label,
+                                file=rel if _plain(rel) else None))
                 escaped = True
         if escaped:
             continue  # never open a file outside the root
@@ -214,7 +303,9 @@ def _close(a: Any, b: Any) -> bool:
 
 @emits("schema.orphan_file", "schema.path_escape")
 def check_tree(root: Path, raw_samples: list[Any], reported_escapes: set[str]) -> list[Finding]:
-    """Orphan files and symlinks leaving the root. `INTERNAL_DIR` (completion markers) is internal."""
+    """Orphan files and symlinks leaving the root, the dataset's own folders included. `INTERNAL_DIR`
+    (completion markers, the build lock) holds no orphans, but a symlink in it (or it) leaving the
+    root is an escape: a build would write outside the dataset through it."""
     referenced = {METADATA_FILE}
     for s in raw_samples:
         paths = s.get("paths") if isinstance(s, dict) and isinstance(s.get("paths"), dict) else {}
@@ -223,8 +314,7 @@ def check_tree(root: Path, raw_samples: list[Any], reported_escapes: set[str]) -
     root_real = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != INTERNAL_DIR]
+        internal = rel_dir == INTERNAL_DIR or rel_dir.startswith(INTERNAL_DIR + os.sep)
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.normpath(os.path.join(rel_dir, name)).replace(os.sep, "/")
@@ -235,6 +325,8 @@ def check_tree(root: Path, raw_samples: list[Any], reported_escapes: set[str]) -
                                                                  f"dataset root", file=rel))
                     reported_escapes.add(rel)
                     continue
+            if internal or rel == INTERNAL_DIR:
+                continue
             if name in filenames and rel not in referenced:
                 why = "a temporary file left by an interrupted build" if is_temp_name(name) else "named by no sample"
                 findings.append(_dfind("schema.orphan_file", f"{rel} is {why}", file=rel))

@@ -50,15 +50,18 @@ def register(id: str, severity: Severity, scope: Literal["dataset", "sample"], c
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
 # schema: metadata.json and the tree
-register("schema.metadata_json", E, "dataset", "metadata.json missing, not JSON, or not a JSON object (exit 2)")
+register("schema.metadata_json", E, "dataset", "metadata.json missing, not a regular file, not JSON (or nested too "
+                                               "deeply), or not a JSON object (exit 2)")
 register("schema.version", E, "dataset", "schema_version not known to this tool (exit 2)")
 register("schema.metadata_model", E, "dataset", "top-level metadata fields (provenance, failures, splits, statistics) "
                                                  "that break the DatasetMetadata model")
 register("schema.sample_record", E, "sample", "a sample record that breaks SampleRecord: bad id, T not 4k+1, H/W not "
                                               "multiples of 16, paths not derived from the id, bad quality values")
 register("schema.duplicate_ids", E, "dataset", "two sample records with the same id")
-register("schema.path_escape", E, "dataset", "a path in metadata that is absolute or has '..', or a file or symlink "
-                                             "in the tree that resolves outside the dataset root")
+register("schema.path_escape", E, "dataset", "a path in metadata that is absolute, has '..' or a NUL byte, or is too "
+                                             "long; or a file, folder or symlink in the tree (the dataset's own "
+                                             "folders, .fwdata/ and metadata.json included) that resolves outside "
+                                             "the dataset root")
 register("schema.missing_file", E, "sample", "a file named by a sample record that does not exist")
 register("schema.orphan_file", W, "dataset", "a file in the dataset that no sample names (left-over temporary files, "
                                              "samples dropped from metadata); .fwdata/ is internal and ignored")
@@ -107,6 +110,8 @@ register("cross.multiview_consistency", W, "sample", "depth warped between frame
 register("cross.ply_matches_points", E, "sample", "a fused cloud that does not lie where the point maps say")
 register("cross.recorded_quality", W, "sample", "quality metrics in metadata.json that differ from the values "
                                                 "recomputed from the files")
+register("cross.video_matches_record", E, "sample", "a video whose sha256 differs from the record's video_sha256: "
+                                                    "swapped, replaced or edited after the build")
 # gates
 for _m in gates.METRICS.values():
     register(gates.sample_gate_id(_m.name), W, "sample", f"sample gate on {_m.name}: {_m.description}")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import re
 import xml.etree.ElementTree as ET
 from enum import Enum
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from fwdata.validate import Severity, UsageError, ValidateOptions, ValidationReport, validate_dataset
+from fwdata.validate import Severity, UsageError, ValidateOptions, ValidationReport, check_path_option, validate_dataset
 
 
 class ReportFormat(str, Enum):
@@ -129,7 +130,13 @@ def to_junit(report: ValidationReport) -> str:
     out = ET.SubElement(root, "system-out")
     out.text = summary_line(report)
     ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    text = ET.tostring(root, encoding="unicode")
+    # characters XML 1.0 cannot hold (a NUL in a key of metadata.json, say) are written escaped
+    text = _NOT_XML.sub(lambda m: ascii(m.group())[1:-1], text)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + text + "\n"
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _where(f) -> str:
@@ -165,6 +172,8 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
     console = console or Console()
     err = Console(stderr=True)
     if output is not None:
+        check_path_option("--output", output)
+        check_path_option("dataset folder", opts.dataset)
         root, out = Path(opts.dataset).resolve(), output.resolve()
         if out == root or root in out.parents:
             raise UsageError(f"--output {output} is inside the dataset; validation never writes into it")
@@ -179,8 +188,11 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
 
         report = validate_dataset(opts, progress=on_sample)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(render(report, fmt))
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(render(report, fmt))
+        except OSError as e:
+            raise UsageError(f"--output {output}: cannot write the report ({e.strerror or e})") from None
         if not quiet:
             render_table(report, console)
             console.print(f"report written to {output}", highlight=False)

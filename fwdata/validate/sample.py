@@ -29,10 +29,12 @@ from fwdata.dataset.contract import (
     ContractError,
     DatasetMetadata,
     FrameCamera,
+    NpzError,
     PathEscapeError,
     SampleRecord,
     camera_txt_to_arrays,
     read_camera_txt,
+    read_npz,
     resolve_inside,
 )
 from fwdata.validate import gates
@@ -107,12 +109,34 @@ def _decoder_message(e: Exception, path: Path) -> str:
     return msg[:300]
 
 
-@emits("integrity.video_decode", "integrity.video_dims", "integrity.video_fps")
+def _file_hashes(path: Path) -> tuple[str, str]:
+    """sha1 and sha256 of a file, read once in chunks."""
+    h1, h256 = hashlib.sha1(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h1.update(chunk)
+            h256.update(chunk)
+    return h1.hexdigest(), h256.hexdigest()
+
+
+@emits("integrity.video_decode", "integrity.video_dims", "integrity.video_fps", "cross.video_matches_record")
 def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
     from fwdata.dataset import video
 
     rel = ctx.rec.paths.video
     path = ctx.root / rel
+    hashes: Optional[tuple[str, str]] = None
+    expected = ctx.rec.video_sha256
+    if expected is None:
+        ctx.skip("cross.video_matches_record", "the record has no video_sha256 (a dataset built before it was "
+                                               "recorded)")
+    else:
+        with ctx.check("cross.video_matches_record"):
+            hashes = _file_hashes(path)
+            if hashes[1] != expected:
+                ctx.emit("cross.video_matches_record", f"the video's sha256 is {hashes[1][:16]}..., the record's "
+                                                       f"video_sha256 is {expected[:16]}...: swapped, replaced or "
+                                                       f"edited after the build", rel)
     frames = None
     with ctx.check("integrity.video_decode"):
         try:
@@ -135,7 +159,7 @@ def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
             ctx.emit("integrity.video_fps", f"video plays at {info.fps:.4g} fps, the record says {ctx.rec.fps:.4g}",
                      rel, info.fps)
     with ctx.check("integrity.video_decode"):
-        ctx.result.video_sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+        ctx.result.video_sha1 = (hashes or _file_hashes(path))[0]
     return frames
 
 
@@ -146,43 +170,35 @@ def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
        "integrity.points_dtype",
        "integrity.points_shape")
 def _check_npz(ctx: _Ctx, kind: str, rel: str, spec: dict[str, ArraySpec]) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of one npz, or None. Member names and .npy headers are checked against the spec and
+    the record's T, H, W before any array is read (`contract.read_npz`): a decompression bomb or an
+    array of the wrong size is refused without being allocated."""
     file_id, dtype_id, shape_id = f"integrity.{kind}_file", f"integrity.{kind}_dtype", f"integrity.{kind}_shape"
     path = ctx.root / rel
     arrays: Optional[dict[str, np.ndarray]] = None
+    problems: Optional[list[tuple[str, str]]] = None
     with ctx.check(file_id):
         try:
-            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except AttributeError:  # np.load returned a plain array: a .npy, not an npz
-            ctx.emit(file_id, "not an npz archive (a single .npy array?)", rel)
-        except Exception as e:  # BadZipFile, zlib.error, ValueError (pickles), EOFError ...
-            ctx.emit(file_id, f"cannot be read as npz ({type(e).__name__}: {str(e)[:200]})", rel)
-        if arrays is not None:
-            missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
-            if missing or extra:
-                ctx.emit(file_id, f"arrays {sorted(arrays)}: missing {missing}, unexpected {extra}", rel)
-                arrays = None
-    if arrays is None:
+            with open(path, "rb") as fh:
+                arrays = read_npz(fh, spec, ctx.rec.dims, rel)
+            problems = []
+        except NpzError as e:
+            problems = e.problems
+        except OSError as e:  # unreadable (permissions, I/O error)
+            problems = [("file", f"cannot be opened ({e.strerror or e})")]
+        bad = [m for k, m in problems or [] if k == "file"]
+        if bad:
+            ctx.emit(file_id, "; ".join(bad), rel)
+    if problems is None or any(k == "file" for k, _ in problems):
         ctx.skip(dtype_id, f"{rel} not readable")
         ctx.skip(shape_id, f"{rel} not readable")
         return None
-    dims = ctx.rec.dims
-    ok = True
-    with ctx.check(dtype_id):
-        bad = [f"{n} is {arrays[n].dtype}, expected {s.dtype}" for n, s in spec.items() if arrays[n].dtype != np.dtype(s.dtype)]
-        if bad:
-            ctx.emit(dtype_id, "; ".join(bad), rel)
-            ok = False
-    with ctx.check(shape_id):
-        bad = []
-        for n, s in spec.items():
-            expected = tuple(dims.get(d, d) if isinstance(d, str) else d for d in s.shape)
-            if arrays[n].shape != expected:
-                bad.append(f"{n} has shape {arrays[n].shape}, expected {expected} {s.shape}")
-        if bad:
-            ctx.emit(shape_id, "; ".join(bad), rel)
-            ok = False
-    return arrays if ok else None
+    for cid, k in ((dtype_id, "dtype"), (shape_id, "shape")):
+        with ctx.check(cid):
+            bad = [m for kk, m in problems if kk == k]
+            if bad:
+                ctx.emit(cid, "; ".join(bad), rel)
+    return arrays
 
 
 _DUMMY_FRAME = {"index": 0, "source_frame": 0, "timestamp": 0.0, "fx": 1.0, "fy": 1.0, "cx": 0.0, "cy": 0.0,
@@ -201,6 +217,9 @@ def _check_camera_json(ctx: _Ctx) -> Optional[CameraFile]:
             raw = json.loads((ctx.root / rel).read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             ctx.emit("integrity.camera_json", f"not valid JSON ({e})", rel)
+            raw = None
+        except RecursionError:
+            ctx.emit("integrity.camera_json", "not valid JSON (nested too deeply)", rel)
             raw = None
         if raw is not None and (not isinstance(raw, dict) or not isinstance(raw.get("frames"), list)):
             ctx.emit("integrity.camera_json", "not a camera file (expected an object with a 'frames' list)", rel)

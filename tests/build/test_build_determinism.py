@@ -22,7 +22,7 @@ from fwdata.dataset.video import X264_OPTIONS, write_mp4, read_frames
 
 OPTIONS = {"clips": {"num_frames": 17, "height": 128, "width": 224, "stride": 2}, "depth": {"model": "random-tiny"},
            "write_ply": True}
-VOLATILE = ("created", "command")  # provenance fields that describe the run, not the data
+VOLATILE = ("created", "command", "runs")  # provenance fields that describe the runs, not the data
 
 
 def _files(root: Path) -> dict[str, bytes]:

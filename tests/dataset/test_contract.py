@@ -199,16 +199,126 @@ def test_load_npz_reports_truncated_and_pickled_files(tmp_path):
         load_npz(tmp_path / "nope.npz", DEPTH_NPZ, dims)
 
 
+def _npz_member(zf, name: str, header: dict, body: bytes, version=(1, 0)) -> None:
+    """One hand-written .npy member: a valid header (any declared shape) and exactly `body` after it."""
+    from numpy.lib import format as npy
+
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+        (npy.write_array_header_1_0 if version == (1, 0) else npy.write_array_header_2_0)(fh, header)
+        fh.write(body)
+
+
+def _hand_npz(path: Path, members: list[tuple[str, dict, bytes]]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, header, body in members:
+            _npz_member(zf, name, header, body)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_load_npz_checks_member_headers_before_reading_data(tmp_path):
+    from fwdata.dataset.contract import NpzError
+
+    dims = {"T": 2, "H": 3, "W": 4}
+    valid = np.ones((2, 3, 4), bool)
+    good_depth = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    hdr = lambda shape, descr="<f4": {"descr": descr, "fortran_order": False, "shape": shape}  # noqa: E731
+    ok_valid = ("valid", hdr((2, 3, 4), "|b1"), valid.tobytes())
+    p = tmp_path / "d.npz"
+
+    def problems(members) -> list[str]:
+        _hand_npz(p, members)
+        with pytest.raises(NpzError) as e:
+            load_npz(p, DEPTH_NPZ, dims)
+        return [k for k, _ in e.value.problems]
+
+    _hand_npz(p, [("depth", hdr((2, 3, 4)), good_depth.tobytes()), ok_valid])  # a hand-written good one loads
+    np.testing.assert_array_equal(load_npz(p, DEPTH_NPZ, dims)["depth"], good_depth)
+    # a header declaring 4 TB with a few bytes behind it: refused by its shape, nothing allocated
+    assert problems([("depth", hdr((10**6, 10**6)), b"\0" * 64), ok_valid]) == ["shape"]
+    assert problems([("depth", hdr((2, 3, 4), "<f8"), bytes(192)), ok_valid]) == ["dtype"]
+    assert problems([("depth", hdr((2, 3, 4)), good_depth.tobytes() + b"\0"), ok_valid]) == ["file"]  # trailing
+    assert problems([("depth", hdr((2, 3, 4)), good_depth.tobytes()[:-4]), ok_valid]) == ["file"]  # short
+    assert problems([("depth", hdr((2, 3, 4)), good_depth.tobytes()), ok_valid, ok_valid]) == ["file"]  # twice
+    assert problems([("depth", hdr((2, 3, 4), "|O"), bytes(8)), ok_valid]) == ["file"]  # objects: pickle
+    import zipfile
+    with zipfile.ZipFile(p, "w") as zf:  # a v2.0 header claiming 4 GB of header text
+        with zf.open("depth.npy", "w") as fh:
+            fh.write(b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{")
+        _npz_member(zf, *ok_valid)
+    with pytest.raises(NpzError, match="header declares 4294967295 bytes"):
+        load_npz(p, DEPTH_NPZ, dims)
+
+
+_BOMB_SCRIPT = """
+import json, re, sys, zipfile
+from pathlib import Path
+import numpy as np
+from numpy.lib import format as npy
+from fwdata.dataset.contract import DEPTH_NPZ, ContractError, load_npz
+
+path, (T, H, W) = Path(sys.argv[1]), (17, 96, 160)
+with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    with zf.open("depth.npy", "w", force_zip64=True) as fh:  # 627 MB of zeros: a ~1 MB member
+        npy.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (T * 600, H, W)})
+        zeros = bytes(T * H * W * 4)
+        for _ in range(600):
+            fh.write(zeros)
+    with zf.open("valid.npy", "w") as fh:
+        npy.write_array(fh, np.ones((T, H, W), bool))
+size = path.stat().st_size
+try:
+    load_npz(path, DEPTH_NPZ, {"T": T, "H": H, "W": W})
+    error = None
+except ContractError as e:
+    error = str(e)
+hwm = int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({"size": size, "error": error, "peak_mb": hwm / 1024}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_load_npz_refuses_a_decompression_bomb_without_allocating_it(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _BOMB_SCRIPT, str(tmp_path / "bomb.npz")], capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["size"] < 5_000_000 and out["error"] and "has shape (10200, 96, 160)" in out["error"], out
+    assert out["peak_mb"] < 500, out  # a fresh process, imports included; loading the member takes > 600
+
+
 # --------------------------------------------------------------------------- metadata and paths
 
 
 def test_sample_ids_are_stable_and_distinct():
-    a = make_sample_id("my video (1).mp4", 1234, 120, 2, 81)
-    assert a == make_sample_id("my video (1).mp4", 1234, 120, 2, 81)
+    a = make_sample_id("my video (1).mp4", "c0ffee", 120, 2, 81, 336, 592)
+    assert a == make_sample_id("my video (1).mp4", "c0ffee", 120, 2, 81, 336, 592)
     assert a.startswith("my_video_1-000120-")
-    assert len({a, make_sample_id("my video (1).mp4", 1234, 0, 2, 81), make_sample_id("my video (1).mp4", 999, 120, 2, 81),
-                make_sample_id("other.mp4", 1234, 120, 2, 81)}) == 4
+    others = [make_sample_id("my video (1).mp4", "c0ffee", 0, 2, 81, 336, 592),  # start
+              make_sample_id("my video (1).mp4", "beef", 120, 2, 81, 336, 592),  # content
+              make_sample_id("my video (1).mp4", "c0ffee", 120, 3, 81, 336, 592),  # stride
+              make_sample_id("my video (1).mp4", "c0ffee", 120, 2, 49, 336, 592),  # T
+              make_sample_id("my video (1).mp4", "c0ffee", 120, 2, 81, 192, 336),  # H, W
+              make_sample_id("other.mp4", "c0ffee", 120, 2, 81, 336, 592)]  # name (readable prefix)
+    assert len({a, *others}) == 7
     record(sid=a)  # valid id for the schema
+
+
+def test_content_fingerprint_tells_same_size_files_apart(tmp_path):
+    from fwdata.dataset.video import FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS, content_fingerprint
+
+    rng = np.random.default_rng(0)
+    for size in (1000, FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK * 3):  # read whole, and sampled
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        (tmp_path / "a").write_bytes(data)
+        (tmp_path / "b").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, last byte differs
+        assert content_fingerprint(tmp_path / "a") != content_fingerprint(tmp_path / "b")
+        (tmp_path / "c").write_bytes(data)
+        assert content_fingerprint(tmp_path / "a") == content_fingerprint(tmp_path / "c")
 
 
 def test_metadata_accepts_a_good_index_and_computes_statistics():

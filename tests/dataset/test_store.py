@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -169,3 +171,39 @@ def test_one_writer_at_a_time_and_a_dead_holders_lock_is_taken_over(tmp_path):
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == proc.pid  # stale content
     with write_lock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_short_ply_write_is_an_error_and_leaves_no_sample(tmp_path, monkeypatch):
+    """open3d returns True after a short write (full disk): the sample must not be marked complete."""
+    import open3d as o3d
+
+    real = o3d.io.write_point_cloud
+
+    def short_write(path, cloud, **kw):
+        ok = real(path, cloud, **kw)
+        with open(path, "r+b") as f:
+            f.truncate(max(0, os.path.getsize(path) - 100))
+        return ok
+
+    monkeypatch.setattr(o3d.io, "write_point_cloud", short_write)
+    rec, data = make_sample()
+    with pytest.raises(OSError, match="incomplete|holds"):
+        write_sample(tmp_path, rec, data, write_ply=True)
+    assert finished_records(tmp_path) == [] and not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_disk_full_is_a_clear_reason_and_leaves_no_sample(tmp_path, monkeypatch):
+    import errno
+
+    import fwdata.dataset.store as store
+    from fwdata.build.pipeline import _reason
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "npz_bytes", full)
+    rec, data = make_sample()
+    with pytest.raises(OSError) as info:
+        write_sample(tmp_path, rec, data, write_ply=False)
+    assert "disk full" in _reason(info.value) and "run the same command again" in _reason(info.value)
+    assert finished_records(tmp_path) == [] and not [p for p in tmp_path.rglob("*") if p.is_file()]

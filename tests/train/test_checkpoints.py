@@ -14,9 +14,9 @@ from fwmodel.cli import app
 runner = CliRunner()
 
 
-def _stage2(recipes, dataset, output, init):
+def _stage2(recipes, dataset, output, init, *extra):
     return runner.invoke(app, ["train", "--stage", "2", "--config", str(recipes[2]), "--data", str(dataset),
-                               "--output", str(output), "--init-from", str(init)])
+                               "--output", str(output), "--init-from", str(init), *extra])
 
 
 def _copy(checkpoint, directory, sidecar=True):
@@ -61,7 +61,7 @@ def test_stage1_file_missing_modules_is_refused(stage1_checkpoint, tmp_path, dat
     path = tmp_path / "ck" / "step-2.safetensors"
     path.parent.mkdir()
     save_file(tensors, str(path), metadata=metadata)  # a well-formed file, just without the point head
-    result = _stage2(recipes, dataset, tmp_path / "out", path)
+    result = _stage2(recipes, dataset, tmp_path / "out", path, "--allow-missing-sidecar")  # (it has no sidecar)
     assert result.exit_code == 2, result.output
     assert "Stage-1 key set" in result.output and "missing" in result.output
     assert "geometry.point_head." in result.output
@@ -70,3 +70,30 @@ def test_stage1_file_missing_modules_is_refused(stage1_checkpoint, tmp_path, dat
 def test_missing_checkpoint_path_is_named(dataset, recipes, tmp_path):
     result = _stage2(recipes, dataset, tmp_path / "out", tmp_path / "nope" / "step-20000.safetensors")
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def test_checkpoint_without_sidecar_is_refused_unless_allowed(stage1_checkpoint, dataset, recipes, tmp_path):
+    bare = _copy(stage1_checkpoint, tmp_path / "ck", sidecar=False)
+    result = _stage2(recipes, dataset, tmp_path / "out", bare)
+    assert result.exit_code == 2, result.output
+    assert "has no sidecar" in result.output and "--allow-missing-sidecar" in result.output
+    assert str(bare) in result.output.replace("\n", "")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+    result = _stage2(recipes, dataset, tmp_path / "out", bare, "--allow-missing-sidecar", "--steps", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "has no sidecar" in log and "Stage 1 checkpoint loaded successfully" in log
+
+
+def test_checkpoint_with_edited_sidecar_is_refused(stage1_checkpoint, dataset, recipes, tmp_path):
+    import json
+
+    edited = _copy(stage1_checkpoint, tmp_path / "ck")
+    sidecar = json.loads(edited.with_suffix(".json").read_text())
+    sidecar["stage"] = 2  # claims to be a Stage-2 file: the header inside the file says 1
+    edited.with_suffix(".json").write_text(json.dumps(sidecar))
+    result = _stage2(recipes, dataset, tmp_path / "out", edited)
+    assert result.exit_code == 2, result.output
+    assert "does not match the header" in result.output and "stage: sidecar 2, file 1" in result.output
+    assert not (tmp_path / "out").exists()

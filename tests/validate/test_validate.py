@@ -3,10 +3,12 @@ validation never changes a byte of the dataset; the CLI's formats and exit codes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable
@@ -312,6 +314,42 @@ def _symlink_escape(root: Path, sid: str) -> None:
     p.symlink_to(outside)
 
 
+def set_video_hashes(root: Path) -> None:
+    """Record every video's real sha256 in metadata.json (as the build does)."""
+    def fn(raw):
+        for s in raw["samples"]:
+            s["video_sha256"] = hashlib.sha256((root / s["paths"]["video"]).read_bytes()).hexdigest()
+    edit_metadata(root, fn)
+
+
+def swap_videos(root: Path, sid: str, other: str | None = None) -> None:
+    """Exchange the mp4s of `sid` and another sample (the last), after recording their hashes."""
+    set_video_hashes(root)
+    a, b = root / sample_paths(sid).video, root / sample_paths(other or sample_ids(root)[-1]).video
+    tmp = a.with_name("swap.tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def folder_out_of_root(root: Path, name: str) -> None:
+    """Move one of the dataset's own folders out of the root and leave a symlink to it."""
+    outside = root.parent / f"outside-{name}"
+    shutil.move(root / name, outside)
+    (root / name).symlink_to(outside, target_is_directory=True)
+
+
+def _nul_path(raw):
+    raw["samples"][1]["paths"]["camera_txt"] = raw["samples"][1]["paths"]["camera_txt"][:-4] + "\x00.txt"
+
+
+def _long_path(raw):
+    raw["samples"][1]["paths"]["depth"] = "depth/" + "d" * 5000 + ".npz"
+
+
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+
+
 # (name, damage(root, sid), expected check id). sid is the second sample.
 DAMAGES: list[tuple[str, Callable[[Path, str], None], str]] = [
     ("truncated depth npz", lambda r, s: truncate(r / sample_paths(s).depth), "integrity.depth_file"),
@@ -359,6 +397,12 @@ DAMAGES: list[tuple[str, Callable[[Path, str], None], str]] = [
     ("duplicate clip", lambda r, s: duplicate_sample(r), "gate.duplicate_clips"),
     ("recorded quality disagrees", lambda r, s: edit_metadata(r, _lying_quality), "cross.recorded_quality"),
     ("random cameras, self-consistent points", random_cameras_consistent_points, "cross.multiview_consistency"),
+    ("two samples' videos swapped", swap_videos, "cross.video_matches_record"),
+    (".fwdata symlinked out of the root", lambda r, s: folder_out_of_root(r, ".fwdata"), "schema.path_escape"),
+    ("NUL byte in a record path", lambda r, s: edit_metadata(r, _nul_path), "schema.path_escape"),
+    ("5,000-character record path", lambda r, s: edit_metadata(r, _long_path), "schema.path_escape"),
+    ("camera json nested 200,000 deep", lambda r, s: (r / sample_paths(s).camera_json).write_text(DEEP_JSON),
+     "integrity.camera_json"),
 ]
 
 
@@ -478,6 +522,167 @@ def test_docs_list_every_check():
     text = (REPO / "docs/VALIDATE.md").read_text()
     missing = [cid for cid in REGISTRY if f"`{cid}`" not in text]
     assert not missing, f"docs/VALIDATE.md does not list {missing}"
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_metadata_json_symlinked_out_of_the_root_is_never_opened(ds, tmp_path):
+    meta = ds / "metadata.json"
+    outside = tmp_path / "outside.json"
+    outside.write_text(meta.read_text().replace('"synth', '"OUTSIDE-synth'))  # a valid metadata.json
+    meta.unlink()
+    meta.symlink_to(outside)
+    report = run(ds)
+    assert report.exit_code == 2
+    assert [(f.check, f.file) for f in report.findings] == [("schema.path_escape", "metadata.json")]
+    assert report.summary.samples_total == 0 and "OUTSIDE" not in report.model_dump_json()
+    fifo = tmp_path / "fifo"  # opening it for reading would block: it must not even be opened
+    os.mkfifo(fifo)
+    meta.unlink()
+    meta.symlink_to(fifo)
+    with deadline(30):
+        report = run(ds)
+    assert report.exit_code == 2
+    assert [(f.check, f.file) for f in report.findings] == [("schema.path_escape", "metadata.json")]
+    meta.unlink()
+    os.mkfifo(meta)  # inside the root, but not a regular file: refused without blocking
+    with deadline(30):
+        report = run(ds)
+    assert report.exit_code == 2 and [f.check for f in report.findings] == ["schema.metadata_json"]
+    assert "not a regular file" in report.findings[0].message
+
+
+@pytest.mark.parametrize("folder", ["videos", "depth", "points", "camera_params", ".fwdata"])
+def test_dataset_folders_symlinked_out_of_the_root(ds, folder):
+    folder_out_of_root(ds, folder)
+    report = run(ds)
+    assert report.exit_code == 1
+    escapes = {f.file for f in report.findings if f.check == "schema.path_escape"}
+    assert folder in escapes, [(f.check, f.file) for f in report.findings]
+    assert "internal.check_crashed" not in {f.check for f in report.findings}
+
+
+def test_deeply_nested_metadata_json_is_unreadable_not_a_crash(ds):
+    (ds / "metadata.json").write_text(DEEP_JSON)
+    report = run(ds)
+    assert report.exit_code == 2 and [f.check for f in report.findings] == ["schema.metadata_json"]
+    assert "nested too deeply" in report.findings[0].message
+    res = runner.invoke(app, ["validate", str(ds), "-j", "0", "--quiet"])
+    assert res.exit_code == 2 and "UNREADABLE" in res.output, res.output
+    deep = ds.parent / "deep.toml"  # a gate file nested too deeply: a one-line usage error
+    deep.write_text("[sample]\nx = " + "[" * 5000 + "]" * 5000 + "\n")
+    res = runner.invoke(app, ["validate", str(ds), "-j", "0", "--gates", str(deep)])
+    assert res.exit_code == 2 and "nested too deeply" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_unusable_path_options_are_one_line_usage_errors(ds, tmp_path):
+    from fwdata.validate import UsageError
+
+    with pytest.raises(UsageError, match="NUL"):
+        validate_dataset(ValidateOptions(dataset=str(ds) + "\x00x", workers=0))
+    long = str(tmp_path / ("x" * 5000))
+    with pytest.raises(UsageError, match="too long"):
+        validate_dataset(ValidateOptions(dataset=long, workers=0))
+    for args, what in [([str(ds) + "\x00x"], "NUL"), ([long], "too long"), ([str(ds), "--gates", long], "too long"),
+                       ([str(ds), "--gates", "a\x00b"], "NUL"), ([str(ds), "-o", long], "too long"),
+                       ([str(ds), "-o", "a\x00b"], "NUL")]:
+        res = runner.invoke(app, ["validate", *args, "-j", "0", "--quiet"])
+        assert res.exit_code == 2, (args[-1][:20], res.exit_code, res.exception)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0], res.output[:300]
+
+
+def test_control_characters_in_metadata_keep_the_reports_well_formed(ds):
+    from fwdata.validate.report import ReportFormat, render
+
+    edit_metadata(ds, lambda raw: raw["samples"][1].__setitem__("odd\x00key\x1b", 1))
+    report = run(ds)
+    assert "schema.sample_record" in {f.check for f in report.findings} and report.exit_code == 1
+    junit = ET.fromstring(render(report, ReportFormat.junit).split("\n", 1)[1])  # parses: no raw NUL in it
+    assert "odd\\x00key" in ET.tostring(junit, encoding="unicode")
+    assert json.loads(render(report, ReportFormat.json))["exit_code"] == 1
+
+
+def write_npz_bomb(path: Path, name: str, shape: tuple[int, ...], dtype, others: dict[str, np.ndarray]) -> None:
+    """An npz whose member `name` has a valid .npy header declaring `shape` and that many zero bytes,
+    deflated (about 1/1000 of the size); the `others` are ordinary members."""
+    import zipfile
+    from numpy.lib import format as npy
+
+    dtype = np.dtype(dtype)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+            npy.write_array_header_1_0(fh, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            left, zeros = int(np.prod(shape)) * dtype.itemsize, bytes(1 << 22)
+            while left > 0:
+                fh.write(zeros[:min(left, len(zeros))])
+                left -= len(zeros)
+        for k, a in others.items():
+            with zf.open(f"{k}.npy", "w") as fh:
+                npy.write_array(fh, a)
+
+
+#: peak memory of a fresh process: VmHWM (ru_maxrss would include the parent's at the fork)
+_RSS_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+from fwdata.validate import ValidateOptions, validate_dataset
+r = validate_dataset(ValidateOptions(dataset=sys.argv[1], workers=0, samples=[sys.argv[2]]))
+hwm = int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({"maxrss_mb": hwm / 1024, "findings": [[f.check, f.sample] for f in r.findings],
+                  "exit_code": r.exit_code}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_npz_bomb_is_refused_before_it_is_allocated(ds):
+    import subprocess
+    import sys
+
+    sid = sample_ids(ds)[1]
+    p = ds / sample_paths(sid).depth
+    valid = load_npz(p)["valid"]
+    T, H, W = valid.shape
+    write_npz_bomb(p, "depth", (T * 600, H, W), np.float32, {"valid": valid})  # 627 MB inflated
+    assert p.stat().st_size < 5_000_000
+    res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(ds), sid], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ["integrity.depth_shape", sid] in out["findings"] and out["exit_code"] == 1, out
+    assert out["maxrss_mb"] < 500, out  # the process, imports included; reading the bomb takes > 700
+
+
+def test_swapped_videos_fail_against_the_recorded_hashes(ds):
+    sids = sample_ids(ds)
+    set_video_hashes(ds)
+    report = run(ds)
+    assert report.exit_code == 0, [f.message for f in report.findings]
+    summary = {c.id: c for c in report.checks}["cross.video_matches_record"]
+    assert summary.outcome == "passed" and summary.ran == 3
+    swap_videos(ds, sids[0], sids[1])
+    report = run(ds)
+    hits = [f for f in report.findings if f.check == "cross.video_matches_record"]
+    assert sorted(f.sample for f in hits) == sorted(sids[:2]) and report.exit_code == 1
+    assert all(f.severity.value == "error" and f.file == sample_paths(f.sample).video for f in hits)
+    assert runner.invoke(app, ["validate", str(ds), "-j", "0", "--quiet"]).exit_code == 1
+    edit_metadata(ds, lambda raw: [s.pop("video_sha256", None) for s in raw["samples"]])  # an older dataset
+    report = run(ds)
+    summary = {c.id: c for c in report.checks}["cross.video_matches_record"]
+    assert "cross.video_matches_record" not in {f.check for f in report.findings}
+    assert summary.outcome == "skipped" and "video_sha256" in summary.skip_reason
 
 
 # --------------------------------------------------------------------------- CLI
