@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fwdata import __version__
+from fwdata.dataset.layout import DERIVED_DIRS
 from fwdata.dataset.contract import SampleRecord
 from fwmodel.config import WAN_TEXT_LEN
 from fwmodel.data import (
@@ -48,7 +49,7 @@ from fwmodel.data import (
     window_start,
 )
 
-CACHE_DIRNAME = ".fwmodel_cache"
+CACHE_DIRNAME = DERIVED_DIRS[0]  # fwdata.dataset.layout: validation knows it is not an orphan
 CACHE_FORMAT = "fwmodel-latent-cache"
 CACHE_VERSION = 1
 RANDOM_MARKER = "FWMODEL_TINY_RANDOM.json"

@@ -58,6 +58,7 @@ from fwdata.dataset.store import (
     DatasetBusy,
     SampleData,
     check_output_folder,
+    is_inside,
     clean_stale_temp_files,
     finished_records,
     is_finished,
@@ -448,10 +449,43 @@ class BuildSummary:
         return 0 if self.ok else 1
 
 
-def plan_inputs(inputs: Sequence[Union[str, Path]], clips: ClipOptions) -> tuple[list[VideoPlan], list[str]]:
-    """Plans of every input video (probing each), and the input paths that do not exist."""
+def plan_inputs(inputs: Sequence[Union[str, Path]], clips: ClipOptions,
+                exclude: Optional[Path] = None) -> tuple[list[VideoPlan], list[str]]:
+    """Plans of every input video (probing each), and the input paths that do not exist.
+
+    Files inside `exclude` (the output dataset) are never inputs: `build same/ --out same/` must not
+    build clips of its own clips."""
     files, missing = find_videos(inputs)
+    if exclude is not None:
+        files = [f for f in files if not is_inside(f, exclude)]
     return [plan_video(f, clips) for f in files], missing
+
+
+#: the clip options that decide which clips a dataset holds; a dataset is built with one set of them
+CLIP_DEFINING = ("num_frames", "height", "width", "orientation", "stride", "fps", "max_clips_per_video", "clip_gap")
+
+
+def check_clip_options(out: Path, config: BuildConfig) -> None:
+    """Refuse to add clips cut another way to a dataset (other T, size, stride ...): the two sets would
+    overlap silently. The dataset's options come from its samples' provenance (or its metadata)."""
+    previous = None
+    for rec in finished_records(out):
+        if rec.provenance is not None and "clips" in rec.provenance.options:
+            previous = rec.provenance.options["clips"]
+            break
+    if previous is None:
+        try:
+            meta = load_metadata(out)
+            previous = meta.provenance.options.get("clips") if meta.samples else None
+        except (ContractError, OSError, ValueError):
+            previous = None
+    if not previous:
+        return
+    now = config.clips.model_dump(mode="json")
+    differ = [f"{k} {previous.get(k)!r} -> {now[k]!r}" for k in CLIP_DEFINING if k in previous and previous[k] != now[k]]
+    if differ:
+        raise ConfigError(f"{out} holds clips cut with other options ({', '.join(differ)}); adding these would mix "
+                          f"overlapping clips: build into another --out, or use the dataset's options")
 
 
 def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], config: BuildConfig,
@@ -470,7 +504,7 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
     except OSError as e:
         raise ConfigError(str(e)) from None
     check_model_available(config.depth)
-    plans, missing = plan_inputs(inputs, config.clips)
+    plans, missing = plan_inputs(inputs, config.clips, exclude=out)
     if missing:
         raise ConfigError(f"input not found: {', '.join(missing)}")
     if not plans:
@@ -485,6 +519,7 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
 def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force: bool,
                   progress: Optional[BuildProgress], command: str, t0: float) -> BuildSummary:
     """The build proper, while this process holds the dataset's write lock."""
+    check_clip_options(out, config)
     clean_stale_temp_files(out)
 
     failures: list[FailedInput] = [FailedInput(source=p.source, reason=p.error, stage=p.stage)
@@ -516,7 +551,8 @@ def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force:
             failures.append(FailedInput(source=plan.source, reason=o.reason, stage=o.stage,
                                         clip_start=plan.start_frame))
     try:
-        meta = assemble_metadata(out, config, failures, command, built=sum(o.ok for o in outcomes), skipped=skipped)
+        meta = assemble_metadata(out, config, failures, command, built=sum(o.ok for o in outcomes), skipped=skipped,
+                                 inputs_seen=[p.source for p in plans])
     except OSError as e:
         raise ConfigError(f"cannot write {out / 'metadata.json'}: {e.strerror or e}; free space and run the same "
                           f"command again (finished clips are kept)") from None
@@ -595,21 +631,32 @@ def run_models(config: BuildConfig) -> list[ModelInfo]:
                       revision=f"av {package_versions().get('av', 'unknown')}")]
 
 
-def previous_runs(out: Path) -> list[BuildRun]:
-    """The run history of an existing dataset's metadata.json (empty when there is none or it is unreadable)."""
+def previous_history(out: Path) -> tuple[list[BuildRun], list[FailedInput]]:
+    """The runs and failures of an existing dataset's metadata.json (empty when there is none or it is
+    unreadable)."""
     try:
-        return load_metadata(out).provenance.runs
+        meta = load_metadata(out)
     except (ContractError, OSError, ValueError):
-        return []
+        return [], []
+    return meta.provenance.runs, meta.failures
 
 
 def assemble_metadata(out: Path, config: BuildConfig, failures: list[FailedInput], command: str,
-                      built: int = 0, skipped: int = 0) -> DatasetMetadata:
-    """metadata.json from the completion markers (every finished sample in `out`), this run's failures,
-    and the run history (earlier runs from the existing metadata.json, then this one)."""
+                      built: int = 0, skipped: int = 0, inputs_seen: Sequence[str] = ()) -> DatasetMetadata:
+    """metadata.json from the completion markers (every finished sample in `out`) and the history:
+    earlier runs and their failures from the existing metadata.json, then this run.
+
+    `failures` describe every input the dataset has seen: an earlier failure stays until a run sees
+    that input again (`inputs_seen`: the sources this run planned), whose outcome then replaces it.
+    """
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    runs = previous_runs(out) + [BuildRun(created=created, command=command, tool_version=__version__, built=built,
-                                          skipped=skipped, failed=len(failures))]
+    runs, old_failures = previous_history(out)
+    this_run = len(runs)
+    seen = set(inputs_seen)
+    failures = ([f for f in old_failures if f.source not in seen]
+                + [f.model_copy(update={"run": this_run}) for f in failures])
+    runs = runs + [BuildRun(created=created, command=command, tool_version=__version__, built=built,
+                            skipped=skipped, failed=sum(f.run == this_run for f in failures))]
     records = finished_records(out)
     models = run_models(config)
     for r in records:  # the dataset lists every model that made one of its samples (a rerun may differ)

@@ -730,6 +730,7 @@ class FailedInput(BaseModel):
     reason: str = Field(description="one line a user can act on")
     stage: str = Field(description="pipeline stage that failed: probe, decode, depth, sfm, align, points, write")
     clip_start: Optional[int] = None
+    run: Optional[int] = Field(None, ge=0, description="index in provenance.runs of the run that recorded it")
 
 
 class Statistics(BaseModel):

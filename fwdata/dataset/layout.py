@@ -8,6 +8,7 @@ The per-sample file names are part of the contract (`fwdata.dataset.contract.sam
       metadata.json  videos/  depth/  points/  camera_params/      (the contract)
       .fwdata/done/<id>.json                                       (completion markers, internal)
       .fwdata/lock                                                 (the write lock of the running build)
+      .fwmodel_cache/                                              (derived: the trainer's latent cache)
       <folder>/.<stem>.tmp-<pid><suffix>                           (a file being written by <pid>)
 """
 
@@ -24,6 +25,10 @@ from fwdata.dataset.contract import CAMERAS_DIR, DEPTH_DIR, POINTS_DIR, VIDEOS_D
 INTERNAL_DIR = ".fwdata"
 #: completion markers: `<id>.json` holding the sample's record, written last
 MARKER_DIR = f"{INTERNAL_DIR}/done"
+
+#: folders other tools derive from a dataset and keep inside it (the trainer's latent cache); they are
+#: not part of the contract and hold no orphans, but stay inside the root like everything else
+DERIVED_DIRS = (".fwmodel_cache",)
 
 #: the write lock of a dataset: held by the one build writing into it (`fwdata.dataset.store.write_lock`)
 LOCK_FILE = f"{INTERNAL_DIR}/lock"

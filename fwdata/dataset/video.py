@@ -79,7 +79,11 @@ def probe(path: Union[str, Path]) -> VideoInfo:
     n = len(vr)
     if n == 0:
         raise VideoError(f"{path}: video has no frames")
-    h, w = vr[0].shape[:2]
+    try:
+        h, w = vr[0].shape[:2]
+    except Exception:  # decord: "Failed to seek_accurate to frame 0" for text and other non-video files
+        raise VideoError(f"{path}: not a readable video (no frame can be decoded: not a video file, or "
+                         f"damaged)") from None
     fps = float(vr.get_avg_fps())
     if not np.isfinite(fps) or fps <= 0:
         raise VideoError(f"{path}: video reports an invalid frame rate ({fps})")

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 from pydantic import ValidationError
 
 from fwdata import __version__
-from fwdata.dataset.layout import INTERNAL_DIR, is_temp_name
+from fwdata.dataset.layout import DERIVED_DIRS, INTERNAL_DIR, is_temp_name
 from fwdata.dataset.contract import (
     DEPTH_NPZ,
     METADATA_FILE,
@@ -314,7 +314,7 @@ def check_tree(root: Path, raw_samples: list[Any], reported_escapes: set[str]) -
     root_real = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root)
-        internal = rel_dir == INTERNAL_DIR or rel_dir.startswith(INTERNAL_DIR + os.sep)
+        internal = any(rel_dir == d or rel_dir.startswith(d + os.sep) for d in (INTERNAL_DIR, *DERIVED_DIRS))
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.normpath(os.path.join(rel_dir, name)).replace(os.sep, "/")
@@ -325,7 +325,7 @@ def check_tree(root: Path, raw_samples: list[Any], reported_escapes: set[str]) -
                                                                  f"dataset root", file=rel))
                     reported_escapes.add(rel)
                     continue
-            if internal or rel == INTERNAL_DIR:
+            if internal or rel in (INTERNAL_DIR, *DERIVED_DIRS):
                 continue
             if name in filenames and rel not in referenced:
                 why = "a temporary file left by an interrupted build" if is_temp_name(name) else "named by no sample"

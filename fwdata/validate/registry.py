@@ -64,7 +64,8 @@ register("schema.path_escape", E, "dataset", "a path in metadata that is absolut
                                              "the dataset root")
 register("schema.missing_file", E, "sample", "a file named by a sample record that does not exist")
 register("schema.orphan_file", W, "dataset", "a file in the dataset that no sample names (left-over temporary files, "
-                                             "samples dropped from metadata); .fwdata/ is internal and ignored")
+                                             "samples dropped from metadata); .fwdata/ (internal) and "
+                                             ".fwmodel_cache/ (the trainer's cache) hold none")
 register("schema.splits", E, "dataset", "splits naming unknown ids, or disagreeing with each sample's `split`")
 register("schema.statistics", W, "dataset", "statistics that do not match the samples and failures")
 # integrity: one sample's files

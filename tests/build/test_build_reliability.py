@@ -229,3 +229,40 @@ def test_a_source_with_concealed_damage_is_refused_not_labelled(inputs, tmp_path
     job = ClipJob(plan=plan, config=load_config(None, {"clips": OPTS.model_dump()}), out=tmp_path / "ds")
     with pytest.raises(StepError, match="the source is damaged: the decoder reported"):
         step_decode(job)
+
+
+def test_reruns_never_take_their_own_clips_never_mix_clip_options_and_keep_old_failures(inputs, tmp_path):
+    from fwdata.build.pipeline import ConfigError, build_dataset
+
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    folder_a.mkdir()
+    folder_b.mkdir()
+    shutil.copy(next((inputs / "videos").glob("synth_forward_*.mp4")), folder_a / "forward.mp4")
+    (folder_a / "notes.mp4").write_text("not a video\n")
+    shutil.copy(next((inputs / "videos").glob("synth_pan_*.mp4")), folder_b / "pan.mp4")
+    ds = folder_a / "ds"  # the dataset inside an input folder
+    over = {"clips": {"num_frames": 17, "height": 128, "width": 224, "stride": 2}, "depth": {"model": "random-tiny"}}
+    first = build_dataset([folder_a], ds, load_config(None, over))
+    assert first.built == 1 and [f.source for f in first.failures] == [str(folder_a / "notes.mp4")]
+    again = build_dataset([folder_a], ds, load_config(None, over))
+    assert (again.num_videos, again.built, again.skipped) == (2, 0, 1), "the dataset's own videos are not inputs"
+
+    other = {**over, "clips": {**over["clips"], "num_frames": 9}}
+    with pytest.raises(ConfigError, match="num_frames 17 -> 9"):
+        build_dataset([folder_b], ds, load_config(None, other))
+
+    build_dataset([folder_b], ds, load_config(None, over))
+    from fwdata.dataset.contract import load_metadata
+
+    meta = load_metadata(ds)
+    assert len(meta.samples) == 2
+    assert [(f.source, f.run) for f in meta.failures] == [(str(folder_a / "notes.mp4"), 1)], \
+        "a failure of an earlier run stays listed, with the run that last saw it"
+    assert [r.failed for r in meta.provenance.runs] == [1, 1, 0]
+
+
+def test_a_text_file_named_on_the_command_line_is_not_a_readable_video(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video\n")
+    error = plan_video(notes, OPTS).error
+    assert error.startswith("not a readable video") and "seek_accurate" not in error
