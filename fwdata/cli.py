@@ -46,20 +46,80 @@ def synth(
     fov: float = typer.Option(60.0, help="Horizontal field of view, degrees."),
     fps: float = typer.Option(16.0, help="Frame rate of the written videos."),
     seed: int = typer.Option(0, help="Seed of the first scene; scene i uses seed + i."),
-    paths: str = typer.Option("orbit,forward,pan,rotate", help="Camera path kinds, cycled over the scenes."),
+    paths: Optional[str] = typer.Option(None, help="Camera path kinds, cycled over the scenes (orbit, forward, pan, "
+                                                   "rotate, spin) [default: orbit,forward,pan,rotate; the preset's "
+                                                   "with --preset]."),
     no_ply: bool = typer.Option(False, "--no-ply", help="Skip the fused .ply clouds (faster)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Camera effects preset: 'realistic' (lens distortion, "
+                                                                "noise, motion blur, exposure/white-balance drift, "
+                                                                "H.264, keyframe steps, low-texture walls, a moving "
+                                                                "sphere; every path kind). Flags below override it.",
+                                         rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    k1: Optional[float] = typer.Option(None, "--k1", help="Radial distortion k1 (OpenCV), about -0.35..0.15.",
+                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    k2: Optional[float] = typer.Option(None, "--k2", help="Radial distortion k2.",
+                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    p1: Optional[float] = typer.Option(None, "--p1", help="Tangential distortion p1.",
+                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    p2: Optional[float] = typer.Option(None, "--p2", help="Tangential distortion p2.",
+                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Gaussian sensor noise std, 8-bit levels.",
+                                          rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    blur: Optional[float] = typer.Option(None, "--blur", help="Motion blur: shutter open for this fraction of the "
+                                                              "frame interval (0..1).",
+                                         rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    exposure_drift: Optional[float] = typer.Option(None, "--exposure-drift", help="Exposure change over the clip, "
+                                                                                  "stops.",
+                                                   rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    wb_drift: Optional[float] = typer.Option(None, "--wb-drift", help="White-balance drift over the clip, stops.",
+                                             rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    h264_bpp: Optional[float] = typer.Option(None, "--h264-bpp", help="Re-encode the videos at this many bits per "
+                                                                      "pixel per frame (0.2 = about 0.2 Mbit/s at "
+                                                                      "192x336, 16 fps).",
+                                             rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    h264_crf: Optional[int] = typer.Option(None, "--h264-crf", help="Re-encode the videos at this x264 CRF instead.",
+                                           rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    keyframe_step: Optional[int] = typer.Option(None, "--keyframe-step", help="Every k-th pose of a k times denser "
+                                                                              "path (larger motion per frame).",
+                                                rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    low_texture_walls: Optional[int] = typer.Option(None, "--low-texture-walls", help="Room faces made nearly "
+                                                                                      "uniform (0..6).",
+                                                    rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+    moving_object: Optional[bool] = typer.Option(None, "--moving-object/--no-moving-object",
+                                                 help="A sphere crossing the view (its depth is in the ground truth).",
+                                                 rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
 ) -> None:
     """Render synthetic textured scenes with known cameras and depth, as a ground-truth dataset.
 
     Writes OUT/videos/*.mp4 plus exact depth, point maps and cameras (metres, frame 0 = world)
     in the dataset contract. Seeded and deterministic; finished clips are skipped on rerun.
+    Camera effects (--preset realistic, or one by one) change the videos only: depth, points and
+    cameras stay the exact pinhole ground truth, and each record says what was applied.
     """
     from fwdata.synth.dataset import SynthOptions, check_options, write_synthetic_dataset
+    from fwdata.synth.effects import Effects
+    from fwdata.synth.effects import preset as effects_preset
+    from fwdata.synth.render import PATH_KINDS
 
+    effects, kinds = Effects(), PATH_KINDS
+    if preset is not None:
+        try:
+            effects, kinds = effects_preset(preset)
+        except ValueError as e:
+            fail(str(e))
+    flags = {"k1": k1, "k2": k2, "p1": p1, "p2": p2, "noise_std": noise, "blur_shutter": blur,
+             "exposure_drift": exposure_drift, "wb_drift": wb_drift, "h264_bpp": h264_bpp, "h264_crf": h264_crf,
+             "keyframe_step": keyframe_step, "low_texture_walls": low_texture_walls, "moving_object": moving_object}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "h264_crf" in given and "h264_bpp" not in given:
+        given["h264_bpp"] = None  # --h264-crf replaces the preset's bitrate
+    if "h264_bpp" in given and "h264_crf" not in given:
+        given["h264_crf"] = None
+    effects = effects.replace(**given)
+    path_list = list(kinds) if paths is None else [p.strip() for p in paths.split(",") if p.strip()]
     opts = SynthOptions(num_scenes=scenes, num_frames=frames, height=height, width=width, fov_w_deg=fov, fps=fps,
-                        seed=seed, path_kinds=[p.strip() for p in paths.split(",") if p.strip()],
-                        write_ply=not no_ply)
+                        seed=seed, path_kinds=path_list, write_ply=not no_ply, effects=effects)
     try:
         check_options(opts)
     except ValueError as e:

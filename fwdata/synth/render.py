@@ -14,6 +14,10 @@ Conventions: OpenCV camera axes (x right, y down, z forward), extrinsics world-t
 4x4, ``K`` in pixels with the centre of pixel ``(u, v)`` at ``(u + 0.5, v + 0.5)``, depth is
 z-depth in metres, the world's y axis points down (up is -y; the floor is at ``room_max[1]``).
 
+Optional, for `fwdata.synth.effects`: colour rays through a distorted lens (`fwdata.synth.lens`;
+depth stays the pinhole ground truth) and `MovingSphere` objects added for one instant (in the
+depth too). Without them the output is what it always was.
+
 Surface ids (returned by `cast_rays`): ``0..5`` the room faces in `FACES` order, then 6 per box
 (same face order, ``scene.box_surface(i)``), then one per sphere (``scene.sphere_surface(j)``).
 """
@@ -21,15 +25,19 @@ Surface ids (returned by `cast_rays`): ``0..5`` the room faces in `FACES` order,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from fwdata.dataset.camera import fov_to_focal, intrinsics_matrix, invert_pose, look_at
+from fwdata.synth.lens import Lens, distort_normalized, undistort_normalized
 
 __all__ = [
     "PATH_KINDS",
+    "EXTRA_PATH_KINDS",
+    "ALL_PATH_KINDS",
+    "MovingSphere",
     "FACES",
     "Scene",
     "SyntheticClip",
@@ -39,12 +47,17 @@ __all__ = [
     "default_intrinsics",
     "cast_rays",
     "render_frame",
+    "render_radiance",
     "render_clip",
     "make_clip",
     "surface_distance",
 ]
 
 PATH_KINDS = ("orbit", "forward", "pan", "rotate")
+#: kinds `camera_path` also makes but that are not in the default cycle of `fwdata synth` (so its
+#: default output stays the same): "spin" is a rotation-dominant turn (a few centimetres of translation)
+EXTRA_PATH_KINDS = ("spin",)
+ALL_PATH_KINDS = PATH_KINDS + EXTRA_PATH_KINDS
 
 # Axis-aligned faces: "-x" is the face at the low x of a box (or the room), "+x" at the high x.
 FACES = ("-x", "+x", "-y", "+y", "-z", "+z")
@@ -434,17 +447,19 @@ def camera_path(kind: str, num_frames: int, scene: Scene, seed: int) -> np.ndarr
     kind: "orbit" (arc of 20-90 degrees around an object, looking at it), "forward" (dolly
     forward with slight sideways drift, a slow 10-16 degree turn and wobble), "pan" (sideways
     truck looking roughly forward, turning 14-20 degrees), "rotate" (in-place yaw of 12-60
-    degrees, some tilt, 0.3-0.6 m of translation). All views tilt a little (a few degrees).
+    degrees, some tilt, 0.3-0.6 m of translation), "spin" (rotation-dominant: yaw of 30-150
+    degrees, about 1.6-2.4 degrees per frame, tilt of about 6 degrees, under 10 cm of translation;
+    not in PATH_KINDS, see EXTRA_PATH_KINDS). All views tilt a little (a few degrees).
     Per-frame motion is a few centimetres / about one degree; the total grows with num_frames
     up to what the free space allows. Of PATH_CANDIDATES random paths the one whose views have
     the most depth variety is kept (objects against walls, not one plane filling the view: SfM
     needs that to fix the focal length). Deterministic in (scene, seed).
     """
-    if kind not in PATH_KINDS:
-        raise ValueError(f"unknown camera path kind {kind!r}; choose from {', '.join(PATH_KINDS)}")
+    if kind not in ALL_PATH_KINDS:
+        raise ValueError(f"unknown camera path kind {kind!r}; choose from {', '.join(ALL_PATH_KINDS)}")
     if num_frames < 1:
         raise ValueError("num_frames must be at least 1")
-    rng = np.random.default_rng([seed, 2, PATH_KINDS.index(kind)])
+    rng = np.random.default_rng([seed, 2, ALL_PATH_KINDS.index(kind)])
     best, best_score = None, -np.inf
     for _ in range(PATH_CANDIDATES):
         w2c = _random_path(kind, num_frames, scene, rng)
@@ -525,6 +540,18 @@ def _random_path(kind: str, num_frames: int, scene: Scene, rng: np.random.Genera
         eyes[:, 1] = C[1] + bob
         pitch = pitch0 + math.radians(4.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
         targets = eyes + _direction(yaw, pitch)
+    elif kind == "spin":
+        # Rotation-dominant: the camera turns about an axis a few centimetres behind it and barely
+        # moves, so there is little parallax (hard for SfM initialisation and triangulation).
+        pivot = C + rng.uniform(0.0, 0.5 * R) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
+        span = math.radians(np.clip(rng.uniform(1.6, 2.4) * n, 30.0, 150.0)) * rng.choice([-1.0, 1.0])
+        yaw = yaw0 + (s - 0.5) * span
+        arm = rng.uniform(0.0, 0.05)
+        move = rng.uniform(0.0, 0.05) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
+        eyes = pivot + arm * _direction(yaw, np.zeros_like(yaw)) + (s - 0.5)[:, None] * move
+        eyes[:, 1] = C[1] + 0.3 * bob
+        pitch = pitch0 + math.radians(6.0) * np.sin(2 * math.pi * s * rng.uniform(0.5, 1.0) + rng.uniform(0, 3))
+        targets = eyes + _direction(yaw, pitch)
     else:  # rotate
         pivot = C + rng.uniform(0.0, 0.5 * R) * _direction(np.array(rng.uniform(-math.pi, math.pi)), np.array(0.0))
         span = math.radians(np.clip(rng.uniform(0.7, 1.0) * n, 12.0, 60.0)) * rng.choice([-1.0, 1.0])
@@ -552,10 +579,20 @@ def _random_path(kind: str, num_frames: int, scene: Scene, rng: np.random.Genera
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _LensGrid:
+    """A ray grid cast through a distorted lens: the lens and the bounding box (x0, x1, y0, y1) of
+    the pinhole normalised coordinates its rays go through."""
+
+    lens: Lens
+    bounds: tuple[float, float, float, float]
+
+
 def _screen_window(lo: np.ndarray, hi: np.ndarray, K: np.ndarray, w2c: np.ndarray,
-                   shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+                   shape: tuple[int, int], lens_grid: _LensGrid | None = None) -> tuple[int, int, int, int] | None:
     """Rows/cols (r0, r1, c0, c1) of a ray grid (rays at (j+0.5) in K's pixels) that may hit
-    the AABB [lo, hi]; None when it is entirely behind the camera."""
+    the AABB [lo, hi]; None when it is entirely behind the camera. With ``lens_grid`` the grid's
+    pixels are distorted ones (`_lens_window`)."""
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     cam = corners @ w2c[:3, :3].T + w2c[:3, 3]
     h, w = shape
@@ -563,6 +600,8 @@ def _screen_window(lo: np.ndarray, hi: np.ndarray, K: np.ndarray, w2c: np.ndarra
         return None
     if np.any(cam[:, 2] <= 1e-6):
         return 0, h, 0, w
+    if lens_grid is not None:
+        return _lens_window(cam, K, shape, lens_grid)
     uv = cam @ K.T
     u, v = uv[:, 0] / uv[:, 2], uv[:, 1] / uv[:, 2]
     c0, c1 = max(0, int(math.floor(u.min() - 0.5)) - 1), min(w, int(math.ceil(u.max() - 0.5)) + 2)
@@ -572,12 +611,38 @@ def _screen_window(lo: np.ndarray, hi: np.ndarray, K: np.ndarray, w2c: np.ndarra
     return r0, r1, c0, c1
 
 
+def _lens_window(cam: np.ndarray, K: np.ndarray, shape: tuple[int, int],
+                 lens_grid: _LensGrid) -> tuple[int, int, int, int] | None:
+    """`_screen_window` for a distorted grid: the object's pinhole rectangle (normalised, from its
+    corners in front of the camera), cut to the region the grid sees, with its boundary mapped
+    through the lens (the model is checked to be one-to-one there, `lens.check_lens`) plus 2 samples."""
+    x, y = cam[:, 0] / cam[:, 2], cam[:, 1] / cam[:, 2]
+    bx0, bx1, by0, by1 = lens_grid.bounds
+    x0, x1 = max(x.min(), bx0), min(x.max(), bx1)
+    y0, y1 = max(y.min(), by0), min(y.max(), by1)
+    if x0 > x1 or y0 > y1:
+        return None
+    t = np.linspace(0.0, 1.0, 33)
+    ex = np.concatenate([x0 + (x1 - x0) * t, np.full(33, x1), x1 - (x1 - x0) * t, np.full(33, x0)])
+    ey = np.concatenate([np.full(33, y0), y0 + (y1 - y0) * t, np.full(33, y1), y1 - (y1 - y0) * t])
+    xd, yd = distort_normalized(ex, ey, lens_grid.lens)
+    u, v = K[0, 0] * xd + K[0, 2], K[1, 1] * yd + K[1, 2]
+    h, w = shape
+    c0, c1 = max(0, int(math.floor(u.min() - 0.5)) - 2), min(w, int(math.ceil(u.max() - 0.5)) + 3)
+    r0, r1 = max(0, int(math.floor(v.min() - 0.5)) - 2), min(h, int(math.ceil(v.max() - 0.5)) + 3)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return r0, r1, c0, c1
+
+
 def _trace(scene: Scene, origin: np.ndarray, dirs: np.ndarray,
-           K: np.ndarray | None = None, w2c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           K: np.ndarray | None = None, w2c: np.ndarray | None = None,
+           lens_grid: _LensGrid | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest hit of rays ``origin + t * dirs`` -> (t (h,w), surface id (h,w) int64).
 
     ``dirs`` (h,w,3) need not be unit; t is in units of |dirs|. With ``K``/``w2c`` (the ray grid's
-    camera) objects are only tested inside their screen-space bounding rectangle.
+    camera) objects are only tested inside their screen-space bounding rectangle (``lens_grid``:
+    the grid's pixels are those of a distorted lens).
     """
     dtype = dirs.dtype
     o = origin.astype(dtype)
@@ -591,7 +656,7 @@ def _trace(scene: Scene, origin: np.ndarray, dirs: np.ndarray,
     full = (0, d.shape[0], 0, d.shape[1])
 
     for i, (lo, hi) in enumerate(scene.boxes):
-        win = full if K is None else _screen_window(lo, hi, K, w2c, d.shape[:2])
+        win = full if K is None else _screen_window(lo, hi, K, w2c, d.shape[:2], lens_grid)
         if win is None:
             continue
         r0, r1, c0, c1 = win
@@ -612,7 +677,7 @@ def _trace(scene: Scene, origin: np.ndarray, dirs: np.ndarray,
 
     for j, sp in enumerate(scene.spheres):
         c, r = sp[:3], sp[3]
-        win = full if K is None else _screen_window(c - r, c + r, K, w2c, d.shape[:2])
+        win = full if K is None else _screen_window(c - r, c + r, K, w2c, d.shape[:2], lens_grid)
         if win is None:
             continue
         r0, r1, c0, c1 = win
@@ -657,6 +722,79 @@ def _camera_rays(K: np.ndarray, w2c: np.ndarray, height: int, width: int, ss: in
     dirs = (rays_cam @ c2w[:3, :3].T).astype(dtype)
     K_grid = np.diag([ss, ss, 1.0]) @ K  # pixels of the sample grid, centres at +0.5 as well
     return dirs, c2w[:3, 3], K_grid
+
+
+def _distorted_camera_rays(K: np.ndarray, w2c: np.ndarray, height: int, width: int, ss: int, dtype: type,
+                           lens: Lens) -> tuple[np.ndarray, np.ndarray, np.ndarray, _LensGrid]:
+    """`_camera_rays` of a distorted camera: the sample at distorted pixel coordinate
+    ((i+0.5)/ss, (j+0.5)/ss) looks along the pinhole ray of its undistorted position."""
+    u = (np.arange(width * ss) + 0.5) / ss
+    v = (np.arange(height * ss) + 0.5) / ss
+    uu, vv = np.meshgrid(u, v)
+    x, y, _ = undistort_normalized((uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], lens)
+    rays_cam = np.stack([x, y, np.ones_like(x)], axis=-1)
+    c2w = invert_pose(w2c)
+    dirs = (rays_cam @ c2w[:3, :3].T).astype(dtype)
+    K_grid = np.diag([ss, ss, 1.0]) @ K
+    grid = _LensGrid(lens, (float(x.min()), float(x.max()), float(y.min()), float(y.max())))
+    return dirs, c2w[:3, 3], K_grid, grid
+
+
+# --------------------------------------------------------------------------------------------
+# Moving objects
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MovingSphere:
+    """A sphere that is not part of the static scene, at one instant: centre (3,) and radius in
+    metres, painted with a checker of ``stripes`` bands in longitude and latitude (about the world
+    axes) in two colours (RGB in [0, 1]), lit like the scene."""
+
+    center: tuple[float, float, float]
+    radius: float
+    color_a: tuple[float, float, float] = (0.9, 0.3, 0.1)
+    color_b: tuple[float, float, float] = (0.1, 0.2, 0.7)
+    stripes: int = 8
+
+
+def _trace_movers(movers: tuple[MovingSphere, ...], origin: np.ndarray, dirs: np.ndarray,
+                  t: np.ndarray) -> np.ndarray:
+    """Intersect ``movers`` with the rays, updating t (h,w) in place where one is nearer ->
+    index (h,w) int of the mover hit, -1 where none."""
+    hit_index = np.full(t.shape, -1, dtype=np.int64)
+    dtype = dirs.dtype
+    a = np.einsum("...i,...i->...", dirs, dirs)
+    for j, m in enumerate(movers):
+        oc = (np.asarray(origin, np.float64) - np.asarray(m.center, np.float64)).astype(dtype)
+        b = dirs @ oc
+        disc = b * b - a * (oc @ oc - m.radius * m.radius)
+        hit = disc >= 0
+        if not hit.any():
+            continue
+        th = (-b - np.sqrt(np.maximum(disc, 0))) / a
+        hit &= (th > 0) & (th < t)
+        t[hit] = th[hit]
+        hit_index[hit] = j
+    return hit_index
+
+
+def _shade_movers(movers: tuple[MovingSphere, ...], origin: np.ndarray, dirs: np.ndarray, t: np.ndarray,
+                  index: np.ndarray) -> np.ndarray:
+    """Colour (N,3) float32 of mover hits: checker times Lambert."""
+    p = origin.astype(np.float32) + t[:, None] * dirs
+    centers = np.array([m.center for m in movers], np.float32)[index]
+    radii = np.array([m.radius for m in movers], np.float32)[index]
+    nrm = (p - centers) / radii[:, None]
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    lon = np.arctan2(nrm[:, 2], nrm[:, 0])
+    lat = np.arcsin(np.clip(-nrm[:, 1], -1.0, 1.0))
+    stripes = np.array([m.stripes for m in movers], np.float32)[index]
+    check = (np.floor(lon * stripes / np.pi) + np.floor(lat * stripes / np.pi)) % 2
+    ca = np.array([m.color_a for m in movers], np.float32)[index]
+    cb = np.array([m.color_b for m in movers], np.float32)[index]
+    color = ca * (1 - check[:, None]) + cb * check[:, None]
+    return (color * _lambert(nrm)[:, None]).astype(np.float32)
 
 
 def _bilinear(texels: np.ndarray, lut: np.ndarray, lut_index: np.ndarray, x: np.ndarray,
@@ -746,31 +884,70 @@ def _shade(scene: Scene, origin: np.ndarray, dirs: np.ndarray, t: np.ndarray, si
 
 
 def render_frame(scene: Scene, K: np.ndarray, w2c: np.ndarray, height: int, width: int,
-                 supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                 supersample: int = 2, lens: Lens | None = None,
+                 movers: tuple[MovingSphere, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Render one view -> (rgb (H,W,3) uint8, depth (H,W) float32 z-depth in metres).
 
     Colour averages supersample**2 rays per pixel; depth comes from the single ray through the
-    pixel centre (exact). ``K`` (3,3) pixels, ``w2c`` (4,4) OpenCV world-to-camera.
+    pixel centre (exact). ``K`` (3,3) pixels, ``w2c`` (4,4) OpenCV world-to-camera. See
+    `render_radiance` for ``lens`` and ``movers``.
+    """
+    color, depth = render_radiance(scene, K, w2c, height, width, supersample, lens, movers)
+    rgb = np.clip(np.rint(color * 255.0), 0, 255).astype(np.uint8)
+    return rgb, depth
+
+
+def render_radiance(scene: Scene, K: np.ndarray, w2c: np.ndarray, height: int, width: int,
+                    supersample: int = 2, lens: Lens | None = None, movers: tuple[MovingSphere, ...] = (),
+                    with_depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Render one view before quantisation -> (colour (H,W,3) float32 in [0, 1], depth (H,W) float32).
+
+    ``lens``: colour samples look through the distorted lens (`fwdata.synth.lens`); depth stays the
+    pinhole z-depth of pixel centres (the ground truth in the contract's PINHOLE camera). ``movers``:
+    spheres added to the scene for this instant; they are in the depth too (the true depth of what
+    is rendered). ``with_depth=False`` skips the depth rays (sub-frames of a motion blur) and
+    returns None for the depth.
     """
     K = np.asarray(K, dtype=np.float64)
     w2c = np.asarray(w2c, dtype=np.float64)
     ss = int(supersample)
     if ss < 1:
         raise ValueError("supersample must be >= 1")
-    # Depth: rays with camera-z component 1, so the hit parameter t is the z-depth.
-    dirs, origin, K_grid = _camera_rays(K, w2c, height, width, 1, np.float64)
-    t, sid = _trace(scene, origin, dirs, K_grid, w2c)
-    depth = t.astype(np.float32)
-    if ss > 1:
-        dirs, _, K_grid = _camera_rays(K, w2c, height, width, ss, np.float32)
+    if lens is not None and lens.is_identity:
+        lens = None
+    movers = tuple(movers)
+    depth = None
+    lens_grid = None
+    if with_depth or (ss == 1 and lens is None):
+        # Depth: rays with camera-z component 1, so the hit parameter t is the z-depth.
+        dirs, origin, K_grid = _camera_rays(K, w2c, height, width, 1, np.float64)
         t, sid = _trace(scene, origin, dirs, K_grid, w2c)
+        mover_index = _trace_movers(movers, origin, dirs, t) if movers else None
+        depth = t.astype(np.float32) if with_depth else None
+    if lens is not None:
+        dirs, origin, K_grid, lens_grid = _distorted_camera_rays(K, w2c, height, width, ss, np.float32, lens)
+    elif ss > 1:
+        dirs, origin, K_grid = _camera_rays(K, w2c, height, width, ss, np.float32)
+    if lens is not None or ss > 1:
+        t, sid = _trace(scene, origin, dirs, K_grid, w2c, lens_grid)
+        mover_index = _trace_movers(movers, origin, dirs, t) if movers else None
     focal = math.sqrt(K[0, 0] * K[1, 1])
-    color = _shade(scene, origin, dirs.reshape(-1, 3).astype(np.float32), t.reshape(-1).astype(np.float32),
-                   sid.reshape(-1), TEXELS_PER_METRE / (focal * ss))
+    flat_dirs = dirs.reshape(-1, 3).astype(np.float32)
+    flat_t = t.reshape(-1).astype(np.float32)
+    if not movers:
+        color = _shade(scene, origin, flat_dirs, flat_t, sid.reshape(-1), TEXELS_PER_METRE / (focal * ss))
+    else:
+        index = mover_index.reshape(-1)
+        static, moving = np.nonzero(index < 0)[0], np.nonzero(index >= 0)[0]
+        color = np.empty((len(index), 3), np.float32)
+        if len(static):
+            color[static] = _shade(scene, origin, flat_dirs[static], flat_t[static], sid.reshape(-1)[static],
+                                   TEXELS_PER_METRE / (focal * ss))
+        if len(moving):
+            color[moving] = _shade_movers(movers, origin, flat_dirs[moving], flat_t[moving], index[moving])
     color = color.reshape(height * ss, width * ss, 3)
     color = sum(color[i::ss, j::ss] for i in range(ss) for j in range(ss)) * np.float32(1.0 / ss**2)
-    rgb = np.clip(np.rint(color * 255.0), 0, 255).astype(np.uint8)
-    return rgb, depth
+    return color, depth
 
 
 def render_clip(scene: Scene, w2c: np.ndarray, K: np.ndarray, height: int, width: int,
@@ -795,6 +972,8 @@ class SyntheticClip:
 
     frames (T,H,W,3) uint8; depth (T,H,W) float32 z-depth in metres; K (3,3) pixels;
     w2c (T,4,4) OpenCV world-to-camera in the scene's world frame (frame 0 is not the identity).
+    With effects (`fwdata.synth.effects.make_effects_clip`) frames are what the simulated camera
+    records; depth, K and w2c stay the exact pinhole ground truth of the mid-exposure pose.
     """
 
     name: str
@@ -805,6 +984,10 @@ class SyntheticClip:
     K: np.ndarray
     w2c: np.ndarray
     fps: float = 16.0
+    #: the lens the frames were seen through (None: pinhole); depth and cameras are pinhole regardless
+    lens: Lens | None = None
+    #: ground truth of the camera effects applied (`fwdata.synth.effects`), JSON-ready; empty: none
+    effects: dict = field(default_factory=dict)
 
 
 def make_clip(seed: int, path_kind: str, num_frames: int = 49, height: int = 192, width: int = 336,
