@@ -159,7 +159,7 @@ def check_depth_model(name: str) -> Check:
         return Check("depth model", True, f"{name} (cached at {local})")
     except Exception:
         return Check("depth model", False,
-                     f"{name} is not downloaded; run `huggingface-cli download {name}` on a machine with "
+                     f"{name} is not downloaded; run `hf download {name}` on a machine with "
                      "internet, or pass --depth-model with a local directory")
 
 

@@ -217,7 +217,7 @@ class BackboneWeightsError(RuntimeError):
 
 def _download_hint(hub_id: Optional[str], path: Path) -> str:
     if hub_id:
-        return f"download them with `huggingface-cli download {hub_id} --local-dir {path}` or pass the right path"
+        return f"download them with `hf download {hub_id} --local-dir {path}` or pass the right path"
     return "pass a local diffusers-format directory or an original-format .safetensors file"
 
 

@@ -17,7 +17,10 @@ finished samples are skipped on rerun.
 
 `write_tiny_encoders(dir, text_dim)` writes a tiny *random* VAE and UMT5 (+ a character tokenizer) in
 the Wan repository layout (vae/, text_encoder/, tokenizer/) for tests and demos; caches made with
-them are marked random_init.
+them are marked random_init. `random-tiny` as the VAE or text-encoder path (`fwmodel cache --vae
+random-tiny --text-encoder random-tiny`, or model.vae / model.text_encoder) builds the same tiny
+random models in memory from their configs (seeded, nothing downloaded or written), like
+`fwdata build --depth-model random-tiny`; the cache records them as random_init.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ CACHE_DIRNAME = DERIVED_DIRS[0]  # fwdata.dataset.layout: validation knows it is
 CACHE_FORMAT = "fwmodel-latent-cache"
 CACHE_VERSION = 1
 RANDOM_MARKER = "FWMODEL_TINY_RANDOM.json"
+RANDOM_TINY = "random-tiny"  # --vae / --text-encoder: a tiny random model built in memory (tests, demos)
+RANDOM_TINY_SEED = 0
 
 
 class CacheError(DataError):
@@ -83,8 +88,9 @@ def _component_dir(path: Path, subfolder: str, what: str) -> Path:
         return path
     raise CacheError(
         f"{what} not found at {path}: expected a diffusers-format Wan repository (with {subfolder}/config.json) "
-        f"or the {subfolder} folder itself; download e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
-        f"--local-dir {path}`."
+        f"or the {subfolder} folder itself; download e.g. `hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
+        f"--local-dir {path}`, or pass `{RANDOM_TINY}` for a tiny randomly initialised model (tests and demos: "
+        "its output means nothing)."
     )
 
 
@@ -99,17 +105,89 @@ def _is_random(directory: Path) -> bool:
     return (directory / RANDOM_MARKER).is_file() or (directory.parent / RANDOM_MARKER).is_file()
 
 
+def is_random_tiny(path) -> bool:
+    """True when an encoder path is the `random-tiny` label (a tiny random model built in memory)."""
+    return path is not None and str(path) == RANDOM_TINY
+
+
+def is_random_encoder(path) -> bool:
+    """True for `random-tiny` and for folders written by `write_tiny_encoders`."""
+    if path is None:
+        return False
+    if is_random_tiny(path):
+        return True
+    path = Path(path).expanduser()
+    return _is_random(path) or any(_is_random(path / sub) for sub in ("vae", "text_encoder"))
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,-"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _tiny_umt5(vocab_size: int, text_dim: int, d_ff: Optional[int] = None):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=text_dim, d_kv=8, d_ff=d_ff or 2 * text_dim, num_layers=2, num_heads=2,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+    )
+    return UMT5EncoderModel(config)
+
+
+def _tiny_d_ff(text_dim: int) -> int:
+    """Feed-forward width of the random-tiny UMT5: 2 x text_dim, at most 64 (a 4096-wide one stays small)."""
+    return min(2 * text_dim, 64)
+
+
+def random_tiny_encoders(text_dim: int = 16, seed: int = RANDOM_TINY_SEED):
+    """(vae, tokenizer, text encoder): the tiny random models of `write_tiny_encoders(dir, text_dim, seed)`,
+    built in memory from their configs (the same weights for text_dim <= 32), without touching the
+    global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = _tiny_vae()
+        tokenizer = _tiny_tokenizer()
+        text = _tiny_umt5(len(tokenizer.get_vocab()), text_dim, _tiny_d_ff(text_dim))
+    return vae.eval(), tokenizer, text.eval()
+
+
+def _random_tiny_provenance(seed: int) -> dict:
+    return {"path": RANDOM_TINY, "seed": seed,
+            "built": "in memory from a config, randomly initialised (no download): its output means nothing"}
+
+
 class VideoEncoder:
     """Wan VAE: video [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, 16, S, H/8, W/8] (posterior mode)."""
 
     def __init__(self, path: Path, device: torch.device, dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKLWan
 
-        self.dir = _component_dir(path, "vae", "Wan VAE")
-        try:
-            self.vae = AutoencoderKLWan.from_pretrained(self.dir, torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise CacheError(f"could not load the Wan VAE from {self.dir} ({err})") from err
+        self.random_tiny = is_random_tiny(path)
+        if self.random_tiny:
+            self.dir = None
+            self.vae = random_tiny_encoders(seed=RANDOM_TINY_SEED)[0]
+            if dtype != torch.float32:
+                self.vae.to(dtype=dtype)
+        else:
+            self.dir = _component_dir(path, "vae", "Wan VAE")
+            try:
+                self.vae = AutoencoderKLWan.from_pretrained(self.dir, torch_dtype=dtype, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise CacheError(f"could not load the Wan VAE from {self.dir} ({err})") from err
         self.vae.to(device).eval().requires_grad_(False)
         self.device, self.dtype = device, dtype
         cfg = self.vae.config
@@ -122,31 +200,42 @@ class VideoEncoder:
         return (posterior.mode().float() - self.mean) / self.std
 
     def provenance(self) -> dict:
-        return {
+        info = {
             "path": str(self.dir),
             "class": type(self.vae).__name__,
             "config": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
             "latent": "posterior mode, (z - latents_mean) / latents_std per channel",
-            "random_init": _is_random(self.dir),
+            "random_init": self.random_tiny or _is_random(self.dir),
         }
+        if self.random_tiny:
+            info.update(_random_tiny_provenance(RANDOM_TINY_SEED))
+        return info
 
 
 class TextEncoder:
     """UMT5 encoder: prompts -> [B, 512, d_model], cut to each prompt's length and zero-padded to 512."""
 
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype = torch.float32, text_dim: int = 16):
+        """`text_dim` is the width of the `random-tiny` encoder (the model preset's text_dim); a real
+        encoder has its own."""
         from transformers import AutoTokenizer, UMT5EncoderModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
-        self.dir = _component_dir(path, "text_encoder", "UMT5 text encoder")
-        self.tokenizer_dir = _tokenizer_dir(self.dir)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-            self.model = UMT5EncoderModel.from_pretrained(self.dir, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise CacheError(f"could not load the UMT5 text encoder from {self.dir} ({err})") from err
+        self.random_tiny = is_random_tiny(path)
+        if self.random_tiny:
+            self.dir = self.tokenizer_dir = None
+            _, self.tokenizer, self.model = random_tiny_encoders(text_dim, RANDOM_TINY_SEED)
+            self.model.to(dtype=dtype)
+        else:
+            self.dir = _component_dir(path, "text_encoder", "UMT5 text encoder")
+            self.tokenizer_dir = _tokenizer_dir(self.dir)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+                self.model = UMT5EncoderModel.from_pretrained(self.dir, dtype=dtype, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise CacheError(f"could not load the UMT5 text encoder from {self.dir} ({err})") from err
         self.model.to(device).eval().requires_grad_(False)
         self.device = device
 
@@ -165,15 +254,20 @@ class TextEncoder:
         return hidden * mask[..., None].to(hidden.dtype)  # zero beyond each prompt's true length
 
     def provenance(self) -> dict:
-        return {
+        info = {
             "path": str(self.dir),
             "tokenizer": str(self.tokenizer_dir),
             "class": type(self.model).__name__,
             "d_model": self.dim,
             "max_length": WAN_TEXT_LEN,
             "padding": "cut to the true length, zero-padded to 512",
-            "random_init": _is_random(self.dir),
+            "random_init": self.random_tiny or _is_random(self.dir),
         }
+        if self.random_tiny:
+            info.update(_random_tiny_provenance(RANDOM_TINY_SEED), tokenizer=f"{RANDOM_TINY} (characters)",
+                        config={k: v for k, v in self.model.config.to_dict().items()
+                                if k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size")})
+        return info
 
 
 def write_tiny_encoders(directory: Path, text_dim: int = 16, seed: int = 0) -> Path:
@@ -181,28 +275,14 @@ def write_tiny_encoders(directory: Path, text_dim: int = 16, seed: int = 0) -> P
 
     For tests and demos only: the latents and embeddings mean nothing. Returns `directory`.
     """
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
     directory = Path(directory)
     if (directory / RANDOM_MARKER).is_file():
         return directory
     torch.manual_seed(seed)
-    AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).save_pretrained(directory / "vae")
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,-"
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        directory / "tokenizer"
-    )
-    config = UMT5Config(
-        vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=2,
-        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-    )
-    UMT5EncoderModel(config).save_pretrained(directory / "text_encoder")
+    _tiny_vae().save_pretrained(directory / "vae")
+    tokenizer = _tiny_tokenizer()
+    tokenizer.save_pretrained(directory / "tokenizer")
+    _tiny_umt5(len(tokenizer.get_vocab()), text_dim).save_pretrained(directory / "text_encoder")
     (directory / RANDOM_MARKER).write_text(json.dumps({"random_init": True, "text_dim": text_dim, "seed": seed}))
     return directory
 
@@ -288,6 +368,7 @@ class CacheOptions:
     device: str = "auto"
     encoder_dtype: str = "float32"  # bfloat16 on GPUs
     storage_dtype: str = "bfloat16"
+    text_dim: int = 16  # width of a `random-tiny` text encoder (the model preset's text_dim)
 
 
 def _device(name: str) -> torch.device:
@@ -328,9 +409,18 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
     dtype = _DTYPES[opts.encoder_dtype]
     storage = _DTYPES[opts.storage_dtype]
     vae = VideoEncoder(opts.vae, device, dtype)
-    text_encoder = TextEncoder(opts.text_encoder, device, dtype)
+    text_encoder = TextEncoder(opts.text_encoder, device, dtype, text_dim=opts.text_dim)
     if manifest and manifest.get("text_encoder", {}).get("d_model") != text_encoder.dim:
         raise CacheError(f"{directory} was made with another text encoder; delete it or pass the same --text-encoder")
+    for what, option, encoder in (("VAE", "--vae", vae), ("text encoder", "--text-encoder", text_encoder)):
+        before = manifest.get("vae" if what == "VAE" else "text_encoder")
+        if before and bool(before.get("random_init")) != bool(encoder.provenance()["random_init"]):
+            kinds = {True: "a randomly initialised", False: "a real (pretrained)"}
+            raise CacheError(
+                f"{directory} was made with {kinds[bool(before.get('random_init'))]} {what} ({before.get('path')}), "
+                f"not {kinds[bool(encoder.provenance()['random_init'])]} one: mixing them would mislabel the cache; "
+                f"delete the folder or pass the same {option}"
+            )
 
     def write_manifest() -> None:
         info = {

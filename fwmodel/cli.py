@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -110,8 +111,41 @@ def _stage_config(config: Optional[Path], stage: int):
         fail(f"--stage {stage} but {config} is a Stage-{file_stage} recipe (train.stage = {file_stage})")
 
 
+# Options left out of the command that continues an interrupted run (it adds --resume itself).
+_NOT_REPEATED_ON_RESUME = {"resume", "resume_step", "dry_run"}
+
+
+def _command_line(ctx: typer.Context, output: Path) -> str:
+    """The `fwmodel train` command as the user gave it (options typed on the command line, in their
+    canonical spelling), without --resume / --resume-step / --dry-run, and with --output made explicit."""
+    import shlex
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parts = ["torchrun", "...", "-m", "fwmodel.cli", "train"] if world > 1 else ["fwmodel", "train"]
+    has_output = False
+    for param in ctx.command.params:
+        name = param.name
+        if name in _NOT_REPEATED_ON_RESUME or getattr(ctx.get_parameter_source(name), "name", None) != "COMMANDLINE":
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        value = ctx.params[name]
+        has_output |= name == "output"
+        if getattr(param, "is_flag", False):
+            if value:
+                parts.append(flag)
+        elif getattr(param, "multiple", False):
+            for item in value or ():
+                parts += [flag, str(item)]
+        elif value is not None:
+            parts += [flag, str(value)]
+    if not has_output:
+        parts += ["--output", str(output)]
+    return shlex.join(parts)
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     stage: int = typer.Option(..., "--stage", help="1: latent bridging, 2: unified co-optimisation."),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="Training recipe TOML, e.g. pipelines/train/stage1.toml."
@@ -130,6 +164,11 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per GPU; sets train.batch_size."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Sets train.grad_accum."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Sets optim.lr."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=0,
+        help="Torch intra-op threads on the CPU; sets train.threads. Default: 1 for the tiny preset on a CPU (tiny "
+        "models run several times faster on one thread), torch's default otherwise; 0 = torch's default.",
+    ),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", help="Any config value, e.g. --set data.num_frames=49 (repeatable)."
     ),
@@ -148,8 +187,10 @@ def train(
     """Train Stage 1 or Stage 2 on a dataset in our contract (one GPU, or many with torchrun).
 
     Exit codes: 0 finished, 1 aborted (too many non-finite steps), 2 bad config, data, weights or
-    checkpoint (nothing trained). See docs/TRAINING.md.
+    checkpoint (nothing trained), 130 Ctrl-C / 143 SIGTERM (the last saved state and the --resume
+    command are printed and written to train.log). See docs/TRAINING.md.
     """
+    from fwdata.runtime import Terminated, sigterm_as_interrupt
     from fwmodel.train import TrainingAborted, load_config
     from fwmodel.train import train as run_train
 
@@ -159,13 +200,17 @@ def train(
     overrides = {
         "train.stage": stage, "data.root": data, "train.output": output, "model.init_from": init_from,
         "model.wan_weights": weights, "model.preset": preset, "train.num_steps": steps,
-        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "optim.lr": lr,
+        "train.batch_size": batch_size, "train.grad_accum": grad_accum, "optim.lr": lr, "train.threads": threads,
     }
     user_errors = _user_errors()
     try:
         cfg = load_config(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}, set_)
-        run_train(cfg, resume=resume or resume_step is not None, resume_step=resume_step, dry_run=dry_run,
-                  quiet=quiet, echo=typer.echo, allow_missing_sidecar=allow_missing_sidecar)
+        with sigterm_as_interrupt():
+            run_train(cfg, resume=resume or resume_step is not None, resume_step=resume_step, dry_run=dry_run,
+                      quiet=quiet, echo=typer.echo, allow_missing_sidecar=allow_missing_sidecar,
+                      command=_command_line(ctx, cfg.output_dir()), echo_err=lambda m: typer.echo(m, err=True))
+    except KeyboardInterrupt as err:  # the trainer printed the last state and the --resume command
+        raise typer.Exit(143 if isinstance(err, Terminated) else 130) from None
     except TrainingAborted as err:
         fail(str(err), code=1)
     except user_errors as err:
@@ -175,9 +220,13 @@ def train(
 @app.command()
 def cache(
     dataset: Path = typer.Argument(..., help="Dataset folder (metadata.json)."),
-    vae: Path = typer.Option(..., "--vae", help="Wan VAE: the Wan2.1 diffusers repository or its vae/ folder."),
+    vae: Path = typer.Option(
+        ..., "--vae", help="Wan VAE: the Wan2.1 diffusers repository or its vae/ folder; `random-tiny`: a tiny "
+        "randomly initialised VAE built in memory (seeded, no download; tests and demos, marked random_init)."
+    ),
     text_encoder: Path = typer.Option(
-        ..., "--text-encoder", help="UMT5: the Wan2.1 diffusers repository or its text_encoder/ folder."
+        ..., "--text-encoder", help="UMT5: the Wan2.1 diffusers repository or its text_encoder/ folder; "
+        "`random-tiny`: a tiny random UMT5 as wide as the recipe's preset (tests and demos, marked random_init)."
     ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="Take frames, size, stride, window, split from this training recipe."
@@ -198,11 +247,13 @@ def cache(
 
     Written to DATASET/.fwmodel_cache/<frames>x<height>x<width>-s<stride>-<window>/ with their
     provenance; training uses them automatically and then loads neither encoder. Re-running adds
-    missing or changed samples only.
+    missing or changed samples only. `--vae random-tiny --text-encoder random-tiny` caches with tiny
+    random encoders (no download) for the tiny recipes; the cache is marked random_init.
     """
     import torch
 
-    from fwmodel.cache import CacheOptions, build_cache
+    from fwmodel.cache import CacheOptions, build_cache, is_random_encoder
+    from fwmodel.config import get_preset
     from fwmodel.train import load_config
 
     sets = {"data.num_frames": frames, "data.height": height, "data.width": width, "data.frame_stride": stride,
@@ -217,7 +268,7 @@ def cache(
         if dtype not in ("float32", "bfloat16"):
             fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
         opts = CacheOptions(dataset=dataset, vae=vae, text_encoder=text_encoder, data=cfg.data, captions=captions,
-                            device=device, encoder_dtype=dtype)
+                            device=device, encoder_dtype=dtype, text_dim=get_preset(cfg.model.preset).wan.text_dim)
 
         def progress(sample_id: str, n: int, total: int) -> None:
             if not quiet:
@@ -228,6 +279,10 @@ def cache(
         fail(str(err))
     if not quiet:
         typer.echo(f"latent cache ready: {directory}")
+    if is_random_encoder(vae) or is_random_encoder(text_encoder):
+        typer.echo("warning: made with randomly initialised encoders (marked random_init in cache.json): the latents "
+                   "and text embeddings mean nothing; for tests and demos only (training refuses it unless "
+                   "data.allow_random_init_labels = true)", err=True)
 
 
 @app.command()

@@ -30,6 +30,9 @@ loader at 81 x 336 x 592).
 
 Which samples: those of `split` (or all) whose status is "ok"; gated-out samples only with
 `include_gated_out`. Samples too short for T frames at the stride are skipped and reported.
+Samples whose labels were made by a randomly initialised model (`random_init` in the sample's
+`provenance.models`, or in metadata.json's `provenance.models` for samples without their own) are
+listed in `Selection.random_init`; the trainer refuses them unless `allow_random_init_labels`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
@@ -87,6 +90,10 @@ class DataConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per GPU")
     max_samples: Optional[int] = Field(None, ge=1, description="use only the first N samples (overfit, smoke)")
     shuffle: bool = True
+    allow_random_init_labels: bool = Field(
+        False, description="train on labels (depth, points) or cached latents/text made by randomly initialised "
+        "models (`random-tiny`: tests and demos only), with a warning; false refuses them"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -135,6 +142,14 @@ class ClipSpec:
 class Selection:
     records: list[SampleRecord]
     skipped: dict[str, str]  # sample id -> why it is not used
+    random_init: dict[str, list[str]] = field(default_factory=dict)  # sample id -> "role: model" made randomly
+
+
+def random_init_models(record: SampleRecord, dataset_models: Sequence = ()) -> list[str]:
+    """The randomly initialised models ("role: name") that made this sample's labels: from the sample's own
+    provenance, or from the dataset's (metadata.json provenance.models) when the sample has none."""
+    models = record.provenance.models if record.provenance is not None else dataset_models
+    return [f"{m.role}: {m.name}" for m in models if m.random_init]
 
 
 def select_samples(root: Path, cfg: DataConfig) -> Selection:
@@ -159,6 +174,7 @@ def select_samples(root: Path, cfg: DataConfig) -> Selection:
         chosen.append(record)
     if cfg.max_samples is not None:
         chosen = chosen[: cfg.max_samples]
+    random_init = {r.id: m for r in chosen if (m := random_init_models(r, meta.provenance.models))}
     if not chosen:
         counts = f"{len(meta.samples)} samples, {sum(s.split == cfg.split for s in meta.samples)} in split {cfg.split!r}"
         reasons = "; ".join(sorted(set(skipped.values())))[:300]
@@ -166,7 +182,7 @@ def select_samples(root: Path, cfg: DataConfig) -> Selection:
             f"no training samples in {root} ({counts}){': ' + reasons if reasons else ''}; "
             "check data.split, data.num_frames / data.frame_stride, or data.include_gated_out."
         )
-    return Selection(chosen, skipped)
+    return Selection(chosen, skipped, random_init)
 
 
 def data_fingerprint(records: Sequence[SampleRecord]) -> str:
@@ -339,6 +355,7 @@ class TrainingDataset(Dataset):
         selection = select_samples(self.root, cfg)
         self.records = selection.records
         self.skipped = selection.skipped
+        self.random_init = selection.random_init  # sample id -> random models that made its labels
         self.fingerprint = data_fingerprint(self.records)
         self.cache = cache
         if cache is not None:

@@ -38,7 +38,9 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
+import sys
 import time
 import tomllib
 import warnings
@@ -56,7 +58,7 @@ from safetensors.torch import save_file
 
 from fwdata import __version__
 from fwdata.runtime import ConfigFileError, load_config_file
-from fwmodel.checkpoint import file_sha256, load_trainable, save_trainable, verify_checkpoint_file
+from fwmodel.checkpoint import CheckpointError, file_sha256, load_trainable, save_trainable, verify_checkpoint_file
 from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
 from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
 from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
@@ -101,6 +103,10 @@ class TrainSection(_Section):
     dry_run_steps: int = Field(3, ge=1)
     deterministic: bool = Field(
         False, description="deterministic GPU kernels where torch has them (slower); CPU runs are always exact"
+    )
+    threads: Optional[int] = Field(
+        None, ge=0, description="torch intra-op threads (--threads); unset: 1 for the tiny preset on a CPU (several "
+        "times faster than the default for tiny models), torch's default otherwise; 0: torch's default"
     )
 
 
@@ -157,9 +163,9 @@ class TrainConfig(_Section):
 _RESUMABLE_CHANGES = {
     # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
     "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
-              "dry_run_steps", "batch_size", "deterministic"},
+              "dry_run_steps", "batch_size", "deterministic", "threads"},
     "model": {"wan_weights", "vae", "text_encoder", "init_from", "device", "gradient_checkpointing"},
-    "data": {"root", "num_workers", "cache_dir", "cache"},
+    "data": {"root", "num_workers", "cache_dir", "cache", "allow_random_init_labels"},
     "memory": None,  # the whole section
 }
 
@@ -293,8 +299,10 @@ class RunLogger:
     and written to train.log when the output folder is opened.
     """
 
-    def __init__(self, dist_: Dist, quiet: bool, echo: Callable[[str], None]):
+    def __init__(self, dist_: Dist, quiet: bool, echo: Callable[[str], None],
+                 echo_err: Optional[Callable[[str], None]] = None):
         self.dist, self.quiet, self.echo = dist_, quiet, echo
+        self.echo_err = echo_err or (lambda m: print(m, file=sys.stderr, flush=True))
         self.file = None
         self.tb = None
         self.metrics = None
@@ -334,6 +342,13 @@ class RunLogger:
         if console and not self.quiet:
             self.echo(message)
 
+    def warn(self, message: str) -> None:
+        """Into train.log and onto stderr, also with --quiet: what the user must not miss."""
+        if not self.dist.is_main:
+            return
+        self.info(message, console=False)
+        self.echo_err(message)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.dist.is_main:
             return
@@ -368,7 +383,7 @@ def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger):
         if weights is None and config.name != "tiny":
             raise ConfigError(
                 f"model.wan_weights is not set: point it at the Wan2.1 weights for preset {config.name} "
-                f"(e.g. `huggingface-cli download {config.hub_id} --local-dir weights/wan` then "
+                f"(e.g. `hf download {config.hub_id} --local-dir weights/wan` then "
                 "--set model.wan_weights=weights/wan)"
             )
         with torch.device(device):
@@ -388,20 +403,35 @@ def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger):
     return model
 
 
-def load_stage1(model, path: Path, stage: int, log: RunLogger, allow_missing_sidecar: bool = False) -> None:
-    """Initialise from a Stage-1 file (or a Stage-2 one) and print exactly what was loaded."""
+def check_init_from(path: Path, allow_missing_sidecar: bool = False) -> dict:
+    """`--init-from` takes a Stage-1 checkpoint (docs/TRAINING.md): a readable file with its sidecar, of stage 1.
+
+    Returns the header; raises CheckpointError (one line: the stage found and what is expected) before
+    anything is written or loaded.
+    """
     header = verify_checkpoint_file(path, verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
-    file_stage = header.get("stage")
-    load_stage = 2 if (stage == 2 and file_stage == 2) else 1
+    found = header.get("stage")
+    if found != 1:
+        what = f"a Stage-{found} checkpoint" if found in (1, 2) else f"a checkpoint of stage {found!r}"
+        raise CheckpointError(
+            f"--init-from takes a Stage-1 checkpoint, but {path} is {what} (step {header.get('step')}): "
+            "start from the Stage-1 file (e.g. outputs/fantasy_world_stage1/step-20000.safetensors); to continue "
+            "a Stage-2 run, pass --resume with its --output instead"
+        )
+    return header
+
+
+def load_stage1(model, path: Path, stage: int, log: RunLogger, allow_missing_sidecar: bool = False) -> None:
+    """Initialise from a Stage-1 file (nothing else: `check_init_from`) and print exactly what was loaded."""
+    check_init_from(path, allow_missing_sidecar)
     _warn_missing_sidecar(path, log)
-    info = load_trainable(model, path, load_stage, allow_missing_sidecar=allow_missing_sidecar)
-    loaded = [n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINED_PARTS[load_stage]]
+    info = load_trainable(model, path, 1, allow_missing_sidecar=allow_missing_sidecar)
+    loaded = [n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINED_PARTS[1]]
     n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(loaded))
     modules = sorted({".".join(n.split(".")[:2]) for n in loaded})
     fresh = sorted({".".join(n.split(".")[:2]) for n in info.missing})
-    label = "Stage 1" if file_stage == 1 else f"Stage {file_stage}"
     log.info(
-        f"{label} checkpoint loaded successfully: {path} (preset {info.preset}, stage {file_stage}, step {info.step}); "
+        f"Stage 1 checkpoint loaded successfully: {path} (preset {info.preset}, stage 1, step {info.step}); "
         f"{len(loaded)} tensors, {n_params:,} parameters: {', '.join(modules)}"
     )
     if fresh:
@@ -748,7 +778,11 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
         raise DataError("no dataset: pass --data DATASET (a folder with metadata.json) or set data.root")
     from fwmodel.data import select_samples
 
-    select_samples(Path(cfg.data.root), cfg.data)  # a missing or empty dataset is named first
+    selection = select_samples(Path(cfg.data.root), cfg.data)  # a missing or empty dataset is named first
+    allowed = cfg.data.allow_random_init_labels
+    if not allowed and (found := random_init_findings(cfg, selection.random_init, len(selection.records),
+                                                      encoders=False)):
+        raise refuse_random_init(found)  # before the cache: a rebuilt dataset needs a new cache anyway
     cache = None
     if cfg.data.cache != "off":
         cache = LatentCache.find(cfg.data)
@@ -764,6 +798,8 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
             f"`fwmodel cache {cfg.data.root} --config CONFIG --vae WAN_DIR --text-encoder WAN_DIR` (recommended), "
             "or set both paths"
         )
+    if not allowed and (found := random_init_findings(cfg, selection.random_init, len(selection.records), cache)):
+        raise refuse_random_init(found)
     dataset = TrainingDataset(cfg.data, text_dim=model_config.wan.text_dim, cache=cache)
     return dataset
 
@@ -792,13 +828,57 @@ def _describe_shapes(inputs: dict, outputs: dict) -> list[str]:
     return lines
 
 
+def resolve_threads(cfg: TrainConfig, device: torch.device) -> tuple[Optional[int], str]:
+    """(torch intra-op threads to set, or None to keep torch's; why) for `train.threads` on `device`."""
+    n = cfg.train.threads
+    if n is None:
+        if device.type == "cpu" and cfg.model.preset == "tiny":
+            return 1, "the default for the tiny preset on a CPU; --threads N to change"
+        return None, "torch's default; --threads N to change"
+    if n == 0:
+        return None, "--threads 0: torch's default"
+    return n, "train.threads / --threads"
+
+
+def _interrupt_message(err: KeyboardInterrupt, output: Optional[Path], cfg: TrainConfig, step: Optional[int],
+                       command: Optional[str]) -> str:
+    """What a Ctrl-C (or SIGTERM) left behind and the exact command that continues the run."""
+    from fwdata.runtime import Terminated
+
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+    when = f"during step {step}" if step else "before the first training step"
+    if output is None:
+        return f"{what} {when}: dry run, nothing was written"
+    if command is None:  # called from Python: the resolved config of the run says everything
+        config = output / "config.toml"
+        command = (f"fwmodel train --stage {cfg.train.stage} --config {shlex.quote(str(config))} "
+                   f"--output {shlex.quote(str(output))}" if config.is_file() else
+                   f"fwmodel train --stage {cfg.train.stage} --config CONFIG --output {shlex.quote(str(output))}")
+    states = list_states(output)
+    if states:
+        last = states[-1]
+        lost = f"; steps {last + 1}-{step} will be redone" if step and step > last + 1 else (
+            f"; step {step} will be redone" if step == last + 1 else "")
+        return (f"{what} {when}: the last saved state is {_state_root(output) / f'step-{last}'} (step {last}, weights "
+                f"{output / f'step-{last}.safetensors'}){lost}. Continue the run with:\n  {command} --resume")
+    first = cfg.train.checkpoint_every
+    return (f"{what} {when}: no state was saved yet (the first is written at step {min(first, cfg.train.num_steps)}), "
+            f"so there is nothing to resume; start again with:\n  {command}")
+
+
 def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = None, dry_run: bool = False,
           quiet: bool = False, echo: Callable[[str], None] = print,
-          allow_missing_sidecar: bool = False) -> TrainResult:
+          allow_missing_sidecar: bool = False, command: Optional[str] = None,
+          echo_err: Optional[Callable[[str], None]] = None) -> TrainResult:
     """Run (or resume) one training stage as configured. See the module docstring.
 
     `allow_missing_sidecar` loads --init-from (or the resumed weights) without its .json sidecar,
     i.e. without the size and sha256 checks; a warning is logged. By default that is refused.
+    `command` is the command line that started the run without --resume (the CLI passes it): on
+    Ctrl-C (KeyboardInterrupt, re-raised) the last saved state and `command --resume` are printed to
+    stderr and written to train.log. Warnings go to `echo_err` (default stderr), also when `quiet`.
+    The torch intra-op threads are set for the run (`train.threads`, see `resolve_threads`) and
+    restored afterwards.
     """
     if dry_run:
         cfg = cfg.model_copy(update={
@@ -808,6 +888,21 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
             "data": cfg.data.model_copy(update={"max_samples": 1, "num_workers": 0}),
         })
     d = init_distributed(cfg.model.device, cfg.train.deterministic)
+    threads_before = torch.get_num_threads()
+    threads, threads_why = resolve_threads(cfg, d.device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": torch.get_num_threads()})})
+        return _train_run(cfg, d, resume, resume_step, dry_run, quiet, echo, echo_err, allow_missing_sidecar,
+                          command, threads_why)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_run(cfg: TrainConfig, d: Dist, resume: bool, resume_step: Optional[int], dry_run: bool, quiet: bool,
+               echo: Callable[[str], None], echo_err: Optional[Callable[[str], None]], allow_missing_sidecar: bool,
+               command: Optional[str], threads_why: str) -> TrainResult:
     output = None if dry_run else cfg.output_dir()
     if output is not None and not resume and list_states(output):
         raise ResumeError(f"{output} already holds a run (state/step-{list_states(output)[-1]}): pass --resume to "
@@ -816,9 +911,13 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
         raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
                           "train.checkpoint_every steps); start without --resume")
     saved = open_state(output, resume_step, allow_missing_sidecar) if resume and output is not None else None
-    log = RunLogger(d, quiet, echo)
+    log = RunLogger(d, quiet, echo, echo_err)
+    progress: dict = {"step": None, "threads": threads_why}
     try:
-        return _train(cfg, d, log, output, saved, dry_run, allow_missing_sidecar)
+        return _train(cfg, d, log, output, saved, dry_run, allow_missing_sidecar, progress)
+    except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM through fwdata.runtime.sigterm_as_interrupt)
+        log.warn(_interrupt_message(err, output, cfg, progress["step"], command))
+        raise
     except Exception as err:
         if log.file:  # the reason a run stopped belongs in its log
             log.info(f"error: {type(err).__name__}: {err}", console=False)
@@ -827,8 +926,40 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
         log.close()
 
 
+def random_init_findings(cfg: TrainConfig, random_init: dict[str, list[str]], num_samples: int, cache=None,
+                         encoders: bool = True) -> list[str]:
+    """What of this run was made by randomly initialised models: the samples' labels (`random_init`: sample
+    id -> models, see fwmodel.data.Selection), the latent cache, or (`encoders`, without a cache) the
+    online VAE / UMT5. Empty when everything is real."""
+    from fwmodel.cache import is_random_encoder
+
+    found = []
+    if random_init:
+        models = sorted({m for ms in random_init.values() for m in ms})
+        found.append(f"{len(random_init)} of the {num_samples} training samples have labels made by a randomly "
+                     f"initialised model ({', '.join(models)}; e.g. sample {next(iter(random_init))}): their depth "
+                     "and points are not real")
+    if cache is not None and cache.random_init:
+        found.append(f"the latent cache {cache.dir} was made with randomly initialised encoders (VAE/UMT5): its "
+                     "latents and text embeddings are not real")
+    elif cache is None and encoders and (is_random_encoder(cfg.model.vae) or is_random_encoder(cfg.model.text_encoder)):
+        found.append("model.vae / model.text_encoder are randomly initialised: the latents and text embeddings are "
+                     "not real")
+    return found
+
+
+def refuse_random_init(found: list[str]) -> DataError:
+    return DataError(
+        "; ".join(found) + ". Training on them teaches nothing: build the dataset with a real depth model "
+        "(`fwdata build --depth-model ...`) and cache it with the Wan weights (`fwmodel cache DATASET --vae WAN "
+        "--text-encoder WAN`), or, for tests and demos only, set data.allow_random_init_labels = true "
+        "(--set data.allow_random_init_labels=true)"
+    )
+
+
 def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], saved: Optional[SavedState],
-           dry_run: bool, allow_missing_sidecar: bool) -> TrainResult:
+           dry_run: bool, allow_missing_sidecar: bool, progress: Optional[dict] = None) -> TrainResult:
+    progress = {} if progress is None else progress
     stage = cfg.train.stage
     tcfg = cfg.train
     model_config = get_preset(cfg.model.preset)
@@ -845,11 +976,13 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
             "outputs/fantasy_world_stage1/step-20000.safetensors (or set STAGE1_CHECKPOINT / model.init_from)"
         )
     if not resuming and cfg.model.init_from is not None:
-        # a wrong path, a damaged header or a missing/edited sidecar fails now, not after loading
-        verify_checkpoint_file(cfg.model.init_from, verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
+        # a wrong path, a damaged header, a missing/edited sidecar or a file of another stage fails now
+        check_init_from(cfg.model.init_from, allow_missing_sidecar)
     log.info(f"fwmodel {__version__} - Stage {stage} ({'latent bridging' if stage == 1 else 'unified co-optimisation'})"
              f" - preset {model_config.name} - {d.world_size} process(es) on {d.device}"
              + (" - DRY RUN" if dry_run else ""))
+    log.info(f"threads: {cfg.train.threads} torch intra-op thread(s) on the CPU "
+             f"({progress.get('threads', 'train.threads')})")
     # ---- data (before weights: a bad dataset fails in seconds) ----
     dataset = prepare_data(cfg, model_config)
     for sid, why in list(dataset.skipped.items())[:10]:
@@ -859,6 +992,10 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
              f"{cfg.data.num_frames} frames at {cfg.data.height}x{cfg.data.width}, stride {cfg.data.frame_stride}; "
              + (f"latent cache {dataset.cache.dir}" + (" (RANDOM tiny encoders)" if dataset.cache.random_init else "")
                 if dataset.uses_cache else "encoding on the fly (no cache)"))
+    found = random_init_findings(cfg, dataset.random_init, len(dataset), dataset.cache)
+    if found:  # (refused in prepare_data unless data.allow_random_init_labels)
+        log.warn("WARNING: " + "; ".join(found) + ". This run is for tests and demos only: its weights learn "
+                 "nothing real (data.allow_random_init_labels = true).")
     global_batch = tcfg.batch_size * d.world_size * tcfg.grad_accum
     log.info(f"batch: {tcfg.batch_size} per GPU x {d.world_size} GPUs x {tcfg.grad_accum} accumulation = "
              f"{global_batch} samples per step; {tcfg.num_steps} steps")
@@ -914,7 +1051,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         from fwmodel.cache import TextEncoder, VideoEncoder
 
         enc_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        encoders = (VideoEncoder(cfg.model.vae, d.device, enc_dtype), TextEncoder(cfg.model.text_encoder, d.device, enc_dtype))
+        encoders = (VideoEncoder(cfg.model.vae, d.device, enc_dtype),
+                    TextEncoder(cfg.model.text_encoder, d.device, enc_dtype, text_dim=model_config.wan.text_dim))
 
     sampler, loader = make_loader(dataset, cfg, d, start_micro=state.step * tcfg.grad_accum)
     data_iter = iter(loader)
@@ -931,6 +1069,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
 
     while state.step < tcfg.num_steps:
         step = state.step + 1
+        progress["step"] = step
         if fault_step and step == fault_step:
             import signal
 

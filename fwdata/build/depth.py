@@ -141,7 +141,7 @@ def check_model_available(opts: DepthOptions) -> None:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DepthModelError(
             f"--depth-model {opts.model!r} could not be loaded ({first}). Download it first "
-            f"(huggingface-cli download {opts.model}), pass a local directory, or use --depth-model random-tiny "
+            f"(hf download {opts.model}), pass a local directory, or use --depth-model random-tiny "
             f"for a quick offline run") from None
 
 

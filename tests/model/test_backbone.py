@@ -115,7 +115,7 @@ def test_load_diffusers_directory_and_single_file(tmp_path: Path, tiny_config):
 
 def test_missing_or_wrong_weights_give_clear_errors(tmp_path: Path, tiny_config):
     hub_id = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    with pytest.raises(BackboneWeightsError, match=r"not found at .*nowhere.*huggingface-cli download Wan-AI"):
+    with pytest.raises(BackboneWeightsError, match=r"not found at .*nowhere.*`hf download Wan-AI"):
         load_wan_transformer(tmp_path / "nowhere", tiny_config.wan, hub_id)
     with pytest.raises(BackboneWeightsError, match="not a diffusers-format Wan2.1 directory"):
         load_wan_transformer(tmp_path, tiny_config.wan, hub_id)

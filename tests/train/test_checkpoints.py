@@ -67,6 +67,26 @@ def test_stage1_file_missing_modules_is_refused(stage1_checkpoint, tmp_path, dat
     assert "geometry.point_head." in result.output
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_init_from_refuses_a_stage2_checkpoint(stage, dataset, recipes, tmp_path):
+    """docs/TRAINING.md: --init-from takes the Stage-1 checkpoint; a Stage-2 file is refused in one line."""
+    from fwmodel.checkpoint import save_trainable
+    from fwmodel.config import get_preset
+    from fwmodel.model import FantasyWorldModel
+
+    path = save_trainable(FantasyWorldModel(get_preset("tiny")), tmp_path / "ck" / "step-5.safetensors", stage=2, step=5)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "--stage", str(stage), "--config", str(recipes[stage]), "--data",
+                                 str(dataset), "--output", str(out), "--init-from", str(path), "--steps", "1"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --init-from takes a Stage-1 checkpoint"), result.stderr
+    text = result.stderr.replace("\n", "")
+    assert f"{path} is a Stage-2 checkpoint (step 5)" in text and "--resume" in text
+    assert "loaded successfully" not in result.output
+    assert not out.exists()  # refused before anything was written or loaded
+
+
 def test_missing_checkpoint_path_is_named(dataset, recipes, tmp_path):
     result = _stage2(recipes, dataset, tmp_path / "out", tmp_path / "nope" / "step-20000.safetensors")
     assert result.exit_code == 2 and "checkpoint not found" in result.output
