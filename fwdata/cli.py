@@ -142,6 +142,13 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the per-sample table as JSON lines."),
 ) -> None:
     """Show a dataset's structure: folders, samples with their size and quality, failures, splits."""
+    from fwdata.dataset.contract import METADATA_FILE
+    from fwdata.dataset.layout import MARKER_DIR
+
+    if not (dataset / METADATA_FILE).exists() and (dataset / MARKER_DIR).is_dir():
+        done = sum(1 for _ in (dataset / MARKER_DIR).glob("*.json"))
+        fail(f"{dataset} is an unfinished build ({done} clips finished, no {METADATA_FILE} yet): run the same "
+             f"`fwdata build ... --out {dataset}` command again to finish it")
     try:
         meta = load_metadata(dataset)
     except ContractError as e:

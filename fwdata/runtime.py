@@ -189,10 +189,14 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
 
 
 def _stop_workers(pool) -> None:
-    """Terminate the worker processes of a ProcessPoolExecutor (its `_processes`: pid -> Process)."""
+    """Kill the worker processes of a ProcessPoolExecutor (its `_processes`: pid -> Process).
+
+    SIGKILL, not SIGTERM: COLMAP installs glog's failure handler for SIGTERM in the workers, and that
+    handler was seen to deadlock inside a worker, which then kept the pool (and the build) waiting.
+    Their clips are abandoned anyway; nothing of an unfinished clip is kept."""
     for proc in list(getattr(pool, "_processes", {}).values()):
         try:
-            proc.terminate()
+            proc.kill()
         except Exception:  # pragma: no cover - already gone
             pass
 

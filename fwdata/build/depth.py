@@ -136,6 +136,14 @@ def check_model_available(opts: DepthOptions) -> None:
     try:
         from transformers import AutoConfig
 
+        try:  # the local cache first: no network, no retries
+            AutoConfig.from_pretrained(opts.model, revision=opts.revision, local_files_only=True)
+            return
+        except Exception:
+            pass
+        unreachable = _hub_unreachable()
+        if unreachable:  # fail at once instead of half a minute of HTTP retries
+            raise OSError(f"not in the local cache, and {unreachable}")
         AutoConfig.from_pretrained(opts.model, revision=opts.revision)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -143,6 +151,28 @@ def check_model_available(opts: DepthOptions) -> None:
             f"--depth-model {opts.model!r} could not be loaded ({first}). Download it first "
             f"(hf download {opts.model}), pass a local directory, or use --depth-model random-tiny "
             f"for a quick offline run") from None
+
+
+def _hub_unreachable() -> str:
+    """Why the model hub cannot be reached right now ("" when it may be): offline mode, or its host
+    name does not resolve. A quick local check; a reachable hub still gets the normal request."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:  # pragma: no cover
+        host = "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"the hub ({host}) cannot be reached from this machine"
+    return ""
 
 
 def model_info(opts: DepthOptions, revision: Optional[str] = None) -> ModelInfo:

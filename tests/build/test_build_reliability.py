@@ -132,6 +132,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_workers_die_with_the_build(inputs, tmp_path, sig):
+    """kill -9 or SIGTERM of the build: no worker goes on (SIGTERM behaves like Ctrl-C: exit 143)."""
     import signal
     import subprocess
     import sys
@@ -266,3 +267,38 @@ def test_a_text_file_named_on_the_command_line_is_not_a_readable_video(tmp_path)
     notes.write_text("not a video\n")
     error = plan_video(notes, OPTS).error
     assert error.startswith("not a readable video") and "seek_accurate" not in error
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_an_unavailable_depth_model_fails_at_once(monkeypatch, tmp_path, offline):
+    """No local copy and no way to reach the hub: one clear line within seconds, not 30 s of retries."""
+    import socket
+    import time
+
+    from fwdata.build.depth import DepthModelError, DepthOptions, check_model_available
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    if not offline:  # the hub's name does not resolve (as on a machine without internet)
+        def no_dns(*a, **k):
+            raise socket.gaierror(-2, "Name or service not known")
+        monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.perf_counter()
+    with pytest.raises(DepthModelError, match="not in the local cache.*hf download"):
+        check_model_available(DepthOptions(model="someone/not-cached-depth-model"))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_info_on_an_interrupted_build_says_how_to_finish_it(tmp_path):
+    import subprocess
+    import sys
+
+    from fwdata.dataset.layout import MARKER_DIR
+
+    (tmp_path / MARKER_DIR).mkdir(parents=True)
+    (tmp_path / MARKER_DIR / "a-000000-000000000000.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "fwdata.cli", "info", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2
+    message = " ".join(r.stderr.split())
+    assert "unfinished build (1 clips finished" in message and "fwdata build" in message
+
