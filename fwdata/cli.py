@@ -36,6 +36,10 @@ def main(
 # --------------------------------------------------------------------------- synth
 
 
+#: the help section of `fwdata synth` that lists the camera effects
+EFFECTS_PANEL = "Camera effects (off by default; docs/SYNTH.md)"
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Dataset folder to write (created if missing)."),
@@ -55,40 +59,40 @@ def synth(
                                                                 "noise, motion blur, exposure/white-balance drift, "
                                                                 "H.264, keyframe steps, low-texture walls, a moving "
                                                                 "sphere; every path kind). Flags below override it.",
-                                         rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                         rich_help_panel=EFFECTS_PANEL),
     k1: Optional[float] = typer.Option(None, "--k1", help="Radial distortion k1 (OpenCV), about -0.35..0.15.",
-                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                       rich_help_panel=EFFECTS_PANEL),
     k2: Optional[float] = typer.Option(None, "--k2", help="Radial distortion k2.",
-                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                       rich_help_panel=EFFECTS_PANEL),
     p1: Optional[float] = typer.Option(None, "--p1", help="Tangential distortion p1.",
-                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                       rich_help_panel=EFFECTS_PANEL),
     p2: Optional[float] = typer.Option(None, "--p2", help="Tangential distortion p2.",
-                                       rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                       rich_help_panel=EFFECTS_PANEL),
     noise: Optional[float] = typer.Option(None, "--noise", help="Gaussian sensor noise std, 8-bit levels.",
-                                          rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                          rich_help_panel=EFFECTS_PANEL),
     blur: Optional[float] = typer.Option(None, "--blur", help="Motion blur: shutter open for this fraction of the "
                                                               "frame interval (0..1).",
-                                         rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                         rich_help_panel=EFFECTS_PANEL),
     exposure_drift: Optional[float] = typer.Option(None, "--exposure-drift", help="Exposure change over the clip, "
                                                                                   "stops.",
-                                                   rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                                   rich_help_panel=EFFECTS_PANEL),
     wb_drift: Optional[float] = typer.Option(None, "--wb-drift", help="White-balance drift over the clip, stops.",
-                                             rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                             rich_help_panel=EFFECTS_PANEL),
     h264_bpp: Optional[float] = typer.Option(None, "--h264-bpp", help="Re-encode the videos at this many bits per "
                                                                       "pixel per frame (0.2 = about 0.2 Mbit/s at "
                                                                       "192x336, 16 fps).",
-                                             rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                             rich_help_panel=EFFECTS_PANEL),
     h264_crf: Optional[int] = typer.Option(None, "--h264-crf", help="Re-encode the videos at this x264 CRF instead.",
-                                           rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                           rich_help_panel=EFFECTS_PANEL),
     keyframe_step: Optional[int] = typer.Option(None, "--keyframe-step", help="Every k-th pose of a k times denser "
                                                                               "path (larger motion per frame).",
-                                                rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                                rich_help_panel=EFFECTS_PANEL),
     low_texture_walls: Optional[int] = typer.Option(None, "--low-texture-walls", help="Room faces made nearly "
                                                                                       "uniform (0..6).",
-                                                    rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                                    rich_help_panel=EFFECTS_PANEL),
     moving_object: Optional[bool] = typer.Option(None, "--moving-object/--no-moving-object",
                                                  help="A sphere crossing the view (its depth is in the ground truth).",
-                                                 rich_help_panel="Camera effects (off by default; docs/SYNTH.md)"),
+                                                 rich_help_panel=EFFECTS_PANEL),
 ) -> None:
     """Render synthetic textured scenes with known cameras and depth, as a ground-truth dataset.
 

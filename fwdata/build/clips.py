@@ -235,14 +235,15 @@ def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
     size = path.stat().st_size
     fingerprint = content_fingerprint(path)
     rotation = probe_rotation(path)
+    try:  # presentation times of every source frame, read once for all clips of the video
+        all_times = frame_times(path, range(info.num_frames))
+    except VideoError:
+        all_times = []
     start = 0
     while start + span <= info.num_frames:
         sid = make_sample_id(path.name, fingerprint, start, stride, opts.num_frames, out_h, out_w)
         idx = [start + i * stride for i in range(opts.num_frames)]
-        try:
-            times = tuple(frame_times(path, idx))
-        except VideoError:
-            times = ()
+        times = tuple(all_times[i] for i in idx) if all_times else ()
         plan.clips.append(ClipPlan(source=str(path), source_size=size, info=info, start_frame=start, stride=stride,
                                    num_frames=opts.num_frames, height=out_h, width=out_w, crop_xywh=crop, scale=scale,
                                    sample_id=sid, rotation_deg=rotation, fingerprint=fingerprint, frame_times=times))
