@@ -285,7 +285,9 @@ def build(
                                                                       "pipelines/build/ (default: default)."),
     depth_model: Optional[str] = typer.Option(None, help="Depth model: hub id, local dir, or 'random-tiny'."),
     depth_prior: Optional[Path] = typer.Option(None, help="Import depth from this folder instead (see docs/BUILD.md)."),
-    intrinsics: Optional[str] = typer.Option(None, help="Known intrinsics 'fx,fy,cx,cy' in source-video pixels."),
+    intrinsics: Optional[str] = typer.Option(None, help="Known intrinsics 'fx,fy,cx,cy' in source-video pixels, "
+                                                        "optionally with OpenCV distortion ',k1', ',k1,k2' or "
+                                                        "',k1,k2,p1,p2' (the clips are undistorted to pinhole)."),
     frames: Optional[int] = typer.Option(None, help="Frames per clip, 4k+1."),
     height: Optional[int] = typer.Option(None, help="Clip height, a multiple of 16."),
     width: Optional[int] = typer.Option(None, help="Clip width, a multiple of 16."),
@@ -316,13 +318,14 @@ def build(
     from fwdata.cli_common import err_console
 
     try:
-        k = parse_intrinsics(intrinsics) if intrinsics else None
+        k, dist = parse_intrinsics(intrinsics) if intrinsics else (None, None)
     except ValueError as e:
         fail(str(e))
     overrides = overrides_from_options(
         frames=frames, height=height, width=width, stride=stride, fps=fps, max_clips=max_clips, depth_model=depth_model,
         depth_prior=depth_prior, device=device, mapper=mapper, loop_detection=loop_detection, workers=workers,
-        threads=threads,        write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k)
+        threads=threads, write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k,
+        distortion=dist)
     raise typer.Exit(run_build_command(videos, out, config, overrides, force, quiet, console, err_console))
 
 

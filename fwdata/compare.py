@@ -12,7 +12,8 @@ does that check, one row per built sample:
   is the Sim(3) scale from built units to truth units (about 1 for a metric build in metres).
 - Focal: built fx over truth fx, both converted to source-video pixels (`fx / resize_scale`), so
   clips resized differently compare correctly.
-- Depth and points (only when both samples have the same pixel grid: size, crop and scale): depth
+- Depth and points (when both samples show the same crop of the source; clips of another size are
+  compared on the built grid, against the nearest truth pixel of each pixel centre): depth
   times the clip's one Sim(3) scale against the truth, over pixels valid in both: AbsRel (mean of
   |d - d*| / d*) and delta1 (share of pixels with max(d/d*, d*/d) < 1.25); point maps mapped into the
   truth's world by the Sim(3), error as a fraction of the truth depth at that pixel.
@@ -82,9 +83,18 @@ def match_truth(record: SampleRecord, truth: DatasetMetadata) -> Optional[Sample
     return None
 
 
-def _same_grid(a: SampleRecord, b: SampleRecord) -> bool:
-    return ((a.height, a.width) == (b.height, b.width) and np.allclose(a.source.crop_xywh, b.source.crop_xywh)
-            and np.allclose(a.source.resize_scale, b.source.resize_scale))
+def _same_crop(a: SampleRecord, b: SampleRecord) -> bool:
+    """Both samples show the same region of the same-sized source (their clip sizes may differ)."""
+    return ((a.source.width, a.source.height) == (b.source.width, b.source.height)
+            and np.allclose(a.source.crop_xywh, b.source.crop_xywh))
+
+
+def _truth_pixels(record: SampleRecord, truth: SampleRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (H,1), cols (1,W)): the truth pixel under each pixel centre of the built clip (nearest;
+    the identity when both have the same size), for samples with `_same_crop`."""
+    rows = np.floor((np.arange(record.height) + 0.5) * truth.height / record.height).astype(np.int64)
+    cols = np.floor((np.arange(record.width) + 0.5) * truth.width / record.width).astype(np.int64)
+    return rows[:, None], cols[None, :]
 
 
 def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, truth: SampleRecord) -> SampleComparison:
@@ -107,14 +117,16 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
         return out
     out.ate_pct, out.rpe_rot_deg, out.scale = 100 * m["ate_rel"], m["rpe_rot_deg"], m["scale"]
     out.focal_err_pct = 100 * float(np.mean(_source_fx(cams, record)[bi] / _source_fx(gt_cams, truth)[ti]) - 1.0)
-    if not _same_grid(record, truth):
-        out.note = "depth and points not compared: the samples have different sizes or crops"
+    if not _same_crop(record, truth):
+        out.note = "depth and points not compared: the samples show different crops of the source"
         return out
+    rows, cols = _truth_pixels(record, truth)
     s, R, t, _ = camera.sim3_align(w2c, gt_w2c)
     depth = load_npz(resolve_inside(built_root, record.paths.depth), DEPTH_NPZ, record.dims)
     gt_depth = load_npz(resolve_inside(truth_root, truth.paths.depth), DEPTH_NPZ, truth.dims)
     d, v = depth["depth"][bi].astype(np.float64) * s, depth["valid"][bi]
-    d_gt, v_gt = gt_depth["depth"][ti].astype(np.float64), gt_depth["valid"][ti]
+    d_gt = gt_depth["depth"][ti][:, rows, cols].astype(np.float64)
+    v_gt = gt_depth["valid"][ti][:, rows, cols]
     both = v & v_gt & (d_gt > 0)
     if not both.any():
         out.note = "depth not compared: no pixel is valid in both"
@@ -124,10 +136,11 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
     out.delta1_pct = 100 * float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25))
     points = load_npz(resolve_inside(built_root, record.paths.points), POINTS_NPZ, record.dims)
     gt_points = load_npz(resolve_inside(truth_root, truth.paths.points), POINTS_NPZ, truth.dims)
-    pv = points["valid"][bi] & gt_points["valid"][ti] & (d_gt > 0)
+    gt_pts, gt_pv = gt_points["points"][ti][:, rows, cols], gt_points["valid"][ti][:, rows, cols]
+    pv = points["valid"][bi] & gt_pv & (d_gt > 0)
     if pv.any():
         p = s * points["points"][bi][pv].astype(np.float64) @ R.T + t
-        err = np.linalg.norm(p - gt_points["points"][ti][pv].astype(np.float64), axis=1)
+        err = np.linalg.norm(p - gt_pts[pv].astype(np.float64), axis=1)
         out.point_err_pct = 100 * float(np.mean(err / d_gt[pv]))
     return out
 

@@ -8,6 +8,7 @@ the result. Exit codes: 0 every input succeeded, 1 some failed (the rest is writ
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -74,15 +75,21 @@ def _shown(text: str) -> str:
     return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text)))
 
 
-def parse_intrinsics(text: str) -> tuple[float, float, float, float]:
-    """'fx,fy,cx,cy' (source-video pixels) -> tuple; ValueError with the expected form otherwise."""
+def parse_intrinsics(text: str) -> tuple[tuple[float, float, float, float], Optional[tuple[float, float, float, float]]]:
+    """'fx,fy,cx,cy[,k1[,k2[,p1,p2]]]' (source-video pixels; OpenCV distortion) -> ((fx, fy, cx, cy),
+    (k1, k2, p1, p2) or None); ValueError with the expected form otherwise."""
     try:
         vals = tuple(float(x) for x in text.replace(" ", "").split(","))
     except ValueError:
         vals = ()
-    if len(vals) != 4 or vals[0] <= 0 or vals[1] <= 0:
-        raise ValueError(f"--intrinsics {text!r}: expected 'fx,fy,cx,cy' in source-video pixels, fx and fy > 0")
-    return vals  # type: ignore[return-value]
+    if len(vals) not in (4, 5, 6, 8) or vals[0] <= 0 or vals[1] <= 0 or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"--intrinsics {text!r}: expected 'fx,fy,cx,cy' in source-video pixels (fx and fy > 0), "
+                         f"optionally followed by OpenCV distortion 'k1', 'k1,k2' or 'k1,k2,p1,p2'")
+    dist = None
+    if len(vals) > 4:
+        d = list(vals[4:]) + [0.0] * (8 - len(vals))
+        dist = (d[0], d[1], d[2], d[3])
+    return (vals[0], vals[1], vals[2], vals[3]), dist
 
 
 def overrides_from_options(**opts: Any) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def overrides_from_options(**opts: Any) -> dict[str, Any]:
         "depth_model": ("depth", "model"), "depth_prior": ("depth", "prior_dir"), "device": ("depth", "device"),
         "batch_size": ("depth", "batch_size"), "mapper": ("sfm", "mapper"), "loop_detection": ("sfm", "loop_detection"),
         "verbose": ("sfm", "verbose"), "workers": ("workers",), "threads": ("threads",), "write_ply": ("write_ply",), "name": ("name",),
-        "intrinsics": ("intrinsics",),
+        "intrinsics": ("intrinsics",), "distortion": ("distortion",),
     }
     out: dict[str, Any] = {}
     for key, value in opts.items():

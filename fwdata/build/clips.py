@@ -280,8 +280,11 @@ def resize_frame(frame: np.ndarray, crop_xywh: tuple[float, float, float, float]
     return np.asarray(out)
 
 
-def iter_clip_frames(plan: ClipPlan, chunk_frames: int = 16) -> Iterator[np.ndarray]:
-    """Decode the clip's source frames in chunks and yield them cropped and resized, one (H,W,3) uint8 at a time."""
+def iter_clip_frames(plan: ClipPlan, chunk_frames: int = 16,
+                     sizes: Optional[Sequence[tuple[int, int]]] = None) -> Iterator[list[np.ndarray]]:
+    """Decode the clip's source frames in chunks; yield each frame cropped and resized to every
+    (height, width) of `sizes` (default: the clip's own size), as a list of (h,w,3) uint8."""
+    sizes = [(plan.height, plan.width)] if sizes is None else list(sizes)
     idx = plan.source_frames
     for a in range(0, len(idx), chunk_frames):
         chunk = read_frames(plan.source, idx[a:a + chunk_frames])
@@ -291,19 +294,37 @@ def iter_clip_frames(plan: ClipPlan, chunk_frames: int = 16) -> Iterator[np.ndar
             raise VideoError(f"{plan.source}: frame size changed inside the video "
                              f"({chunk.shape[2]}x{chunk.shape[1]} vs {plan.info.width}x{plan.info.height})")
         for f in chunk:
-            yield resize_frame(f, plan.crop_xywh, plan.height, plan.width)
+            yield [resize_frame(f, plan.crop_xywh, h, w) for h, w in sizes]
 
 
-def load_clip(plan: ClipPlan, chunk_frames: int = 16) -> np.ndarray:
-    """All frames of a clip at its final size, (T, H, W, 3) uint8 (streamed: only the output is held)."""
+def geometry_size(plan: ClipPlan, max_side: int) -> Optional[tuple[int, int]]:
+    """(height, width) at which to find features: the clip's crop of the source at up to `max_side`
+    pixels on the long side, when that is more than the clip has; None = the clip's own size."""
+    cw, ch = plan.crop_xywh[2], plan.crop_xywh[3]
+    long_clip = max(plan.height, plan.width)
+    target = min(max(cw, ch), max_side)
+    if max_side <= 0 or target <= long_clip * 1.05:  # less than 5 % more pixels along a side: not worth it
+        return None
+    s = target / max(cw, ch)
+    return int(round(ch * s)), int(round(cw * s))
+
+
+def load_clip(plan: ClipPlan, chunk_frames: int = 16,
+              geometry: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """All frames of a clip at its final size, (T, H, W, 3) uint8, and (with `geometry` = (h, w)) the
+    same frames at that size for SfM, from one decode (streamed: only the outputs are held)."""
+    sizes = [(plan.height, plan.width)] + ([geometry] if geometry else [])
     frames = np.empty((plan.num_frames, plan.height, plan.width, 3), np.uint8)
+    big = np.empty((plan.num_frames, *geometry, 3), np.uint8) if geometry else None
     n = 0
-    for i, f in enumerate(iter_clip_frames(plan, chunk_frames)):
-        frames[i] = f
+    for i, outs in enumerate(iter_clip_frames(plan, chunk_frames, sizes)):
+        frames[i] = outs[0]
+        if big is not None:
+            big[i] = outs[1]
         n += 1
     if n != plan.num_frames:
         raise VideoError(f"{plan.source}: decoded {n} of {plan.num_frames} frames")
-    return frames
+    return frames, big
 
 
 def scale_intrinsics_to_clip(K_src: np.ndarray, plan: ClipPlan) -> np.ndarray:
@@ -315,6 +336,18 @@ def scale_intrinsics_to_clip(K_src: np.ndarray, plan: ClipPlan) -> np.ndarray:
     K[1, 2] -= y0
     K[0, :] *= sx
     K[1, :] *= sy
+    return K
+
+
+def clip_intrinsics_to_source(K_clip: np.ndarray, plan: ClipPlan) -> np.ndarray:
+    """Inverse of `scale_intrinsics_to_clip`: intrinsics of the clip (pixels) -> of the source video."""
+    x0, y0, _, _ = plan.crop_xywh
+    sx, sy = plan.scale
+    K = np.array(K_clip, dtype=np.float64).copy()
+    K[0, :] /= sx
+    K[1, :] /= sy
+    K[0, 2] += x0
+    K[1, 2] += y0
     return K
 
 

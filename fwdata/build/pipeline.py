@@ -2,9 +2,10 @@
 
 The pipeline is a list of small steps with one job each (`STEPS`), run for every clip:
 
-    decode -> sfm -> depth -> align -> points -> quality -> write
+    decode -> depth (in the background) -> sfm -> undistort -> align -> points -> quality -> write
 
-(cameras come before depth so a clip that cannot get cameras costs no depth inference). A step
+(depth runs next to the cameras and stops early when the clip fails; a distorting lens found by SfM
+is removed by resampling the clip onto a pinhole camera, and the depth with it). A step
 that raises ends the clip: the failure is recorded in metadata.json with the step's name and a
 one-line reason, and the build goes on with the next clip. Each clip is written atomically with a
 completion marker (`fwdata.dataset.store`), so a rerun skips finished clips (``force`` redoes them) and a
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from datetime import datetime, timezone
@@ -35,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fwdata import __version__, quality
 from fwdata.build.align import AlignError, AlignOptions, AlignResult, align_depth
-from fwdata.build.clips import ClipOptions, ClipPlan, VideoPlan, find_videos, load_clip, plan_video, scale_intrinsics_to_clip
+from fwdata.build.clips import (ClipOptions, ClipPlan, VideoPlan, clip_intrinsics_to_source, find_videos, geometry_size,
+                                load_clip, plan_video, scale_intrinsics_to_clip)
 from fwdata.dataset.contract import (
     BuildRun,
     CameraFile,
@@ -47,9 +50,11 @@ from fwdata.dataset.contract import (
     QualityMetrics,
     SampleProvenance,
     SampleRecord,
+    SourceCamera,
     load_metadata,
     sample_paths,
 )
+from fwdata.dataset.lens import Undistortion
 from fwdata.runtime import ConfigFileError, clip_threads, load_config_file, run_in_processes
 from fwdata.build.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.build.depth import model_info as depth_model_info
@@ -108,11 +113,21 @@ class BuildConfig(BaseModel):
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
         None, description="known camera intrinsics fx, fy, cx, cy in *source video* pixels (all inputs)"
     )
+    distortion: Optional[tuple[float, float, float, float]] = Field(
+        None, description="known OpenCV lens distortion k1, k2, p1, p2 of the source (with `intrinsics`); clips "
+                          "are undistorted to pinhole"
+    )
     clips: ClipOptions = Field(default_factory=ClipOptions)
     depth: DepthOptions = Field(default_factory=DepthOptions)
     sfm: SfmOptions = Field(default_factory=SfmOptions)
     align: AlignOptions = Field(default_factory=AlignOptions)
     splits: SplitOptions = Field(default_factory=SplitOptions)
+
+    @model_validator(mode="after")
+    def _distortion_needs_intrinsics(self) -> "BuildConfig":
+        if self.distortion is not None and self.intrinsics is None:
+            raise ValueError("distortion is given without intrinsics: give both (--intrinsics fx,fy,cx,cy,k1,k2,p1,p2)")
+        return self
 
 
 class ConfigError(ConfigFileError):
@@ -153,7 +168,9 @@ class ClipJob:
     config: BuildConfig
     out: Path
     frames: Optional[np.ndarray] = None
+    geometry_frames: Optional[np.ndarray] = None  # the clip at a higher resolution for SfM (None: `frames`)
     sfm: Optional[SfmResult] = None
+    undistortion: Optional[Undistortion] = None
     depth: Optional[DepthResult] = None
     aligned: Optional[AlignResult] = None
     cameras: Optional[CameraFile] = None
@@ -193,7 +210,8 @@ def step_decode(job: ClipJob) -> None:
     if plan.fingerprint and content_fingerprint(plan.source) != plan.fingerprint:
         raise StepError("the source file changed since the build started (its content no longer matches); "
                         "run the build again")
-    job.frames = load_clip(plan, job.config.clips.chunk_frames)
+    job.frames, job.geometry_frames = load_clip(plan, job.config.clips.chunk_frames,
+                                                geometry_size(plan, job.config.sfm.max_image_size))
     times = plan.timestamps
     problems = decode_problems(plan.source, times[0], times[-1])
     if problems:  # decord conceals damage (and prints it to stderr only): such frames are not labelled
@@ -202,13 +220,36 @@ def step_decode(job: ClipJob) -> None:
 
 
 def step_sfm(job: ClipJob) -> None:
-    """Cameras and sparse points with pycolmap (fwdata.build.sfm)."""
+    """Cameras and sparse points with pycolmap (fwdata.build.sfm), on the clip's frames at the geometry
+    size when the source has more pixels than the clip, mapped exactly onto the clip's pixels."""
+    frames = job.geometry_frames if job.geometry_frames is not None else job.frames
+    sy, sx = job.plan.height / frames.shape[1], job.plan.width / frames.shape[2]  # clip px per SfM px
     opts = job.config.sfm
     if job.config.intrinsics is not None:
         fx, fy, cx, cy = job.config.intrinsics
         K = scale_intrinsics_to_clip(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), job.plan)
+        K = np.diag([1 / sx, 1 / sy, 1.0]) @ K
         opts = opts.model_copy(update={"intrinsics": (K[0, 0], K[1, 1], K[0, 2], K[1, 2])})
-    job.sfm = run_sfm(job.frames, opts)
+        if job.config.distortion is not None:  # normalised-coordinate coefficients: the same for the clip
+            opts = opts.model_copy(update={"distortion": tuple(job.config.distortion)})
+    sfm = run_sfm(frames, opts)
+    job.geometry_frames = None
+    if (sx, sy) != (1.0, 1.0):
+        sfm.notes.append(f"sfm: features found at {frames.shape[2]}x{frames.shape[1]}, cameras mapped to the clip")
+    job.sfm = sfm.scaled(sx, sy)
+
+
+def step_undistort(job: ClipJob) -> None:
+    """When the lens distorts: the frames resampled onto a pinhole camera of the same size, and the SfM
+    observations and intrinsics with them (fwdata.dataset.lens.Undistortion); the depth follows in
+    `step_align`. The written clip, depth, points and cameras are then exactly pinhole."""
+    sfm = job.sfm
+    if sfm.lens.is_identity:
+        return
+    u = Undistortion.create(sfm.K, sfm.lens, job.plan.height, job.plan.width)
+    job.frames = u.frames(job.frames)
+    job.undistortion = u
+    job.sfm = dataclasses.replace(sfm, K=u.K, obs_uv=u.pixels(sfm.obs_uv))
 
 
 def step_depth(job: ClipJob) -> None:
@@ -220,6 +261,9 @@ def step_depth(job: ClipJob) -> None:
 def step_align(job: ClipJob) -> None:
     """Depth on the SfM scale (fwdata.build.align); metric depth makes the clip metric."""
     job.wait("depth")
+    if job.undistortion is not None:  # the network saw the distorted frames
+        values, valid = job.undistortion.maps(job.depth.values, job.depth.valid)
+        job.depth = dataclasses.replace(job.depth, values=values, valid=valid)
     job.aligned = align_depth(job.depth, job.sfm, job.config.align)
     job.depth = None  # the raw prediction is no longer needed
 
@@ -251,6 +295,7 @@ STEPS: list[tuple[str, Callable[[ClipJob], None]]] = [
     ("decode", step_decode),
     ("depth", step_depth),
     ("sfm", step_sfm),
+    ("undistort", step_undistort),
     ("align", step_align),
     ("points", step_points),
     ("quality", step_quality),
@@ -282,6 +327,8 @@ def measure_quality(frames: np.ndarray, aligned: AlignResult, sfm: SfmResult, ca
         depth_sfm_absrel_max_frame=_finite_or_none(float(np.nanmax(per_frame)) if np.isfinite(per_frame).any() else None),
         multiview_consistency=mv,
         multiview_settings=mv_settings,
+        focal_uncertainty=sfm.focal_uncertainty,
+        focal_spread=sfm.focal_spread,
         fov_h_deg=fov_h,
         fov_w_deg=fov_w,
         path_length=path,
@@ -315,6 +362,23 @@ def depth_source_label(config: BuildConfig, depth_kind: str) -> str:
     return f"depth-anything ({depth_kind}): {d.model}"
 
 
+def source_camera(job: ClipJob) -> SourceCamera:
+    """The source camera and lens in source pixels (metadata `source.camera`)."""
+    sfm, u = job.sfm, job.undistortion
+    K_frames = u.K_lens if u is not None else sfm.K
+    K = clip_intrinsics_to_source(K_frames, job.plan)
+    lens = sfm.lens
+    if job.config.intrinsics is not None:
+        model = "OPENCV" if job.config.distortion is not None else "PINHOLE"
+    elif lens.is_identity:
+        model = "PINHOLE"
+    else:
+        model = job.config.sfm.camera_model
+    return SourceCamera(model=model, estimated=job.config.intrinsics is None, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2],
+                        cy=K[1, 2], k1=lens.k1, k2=lens.k2, p1=lens.p1, p2=lens.p2,
+                        pinhole_focal_scale=float(u.K[0, 0] / u.K_lens[0, 0]) if u is not None else 1.0)
+
+
 def make_record(job: ClipJob) -> SampleRecord:
     p, a = job.plan, job.aligned
     kind = "metric" if a.scale == "metric" else "relative"
@@ -331,7 +395,7 @@ def make_record(job: ClipJob) -> SampleRecord:
         scale=a.scale,
         scale_source=a.scale_source,
         depth_source=depth_source_label(job.config, kind),
-        source=p.source_ref(),
+        source=p.source_ref().model_copy(update={"camera": source_camera(job)}),
         split=split_for(p.source, job.config.splits),
         quality=job.quality,
         notes=list(job.sfm.notes) + list(a.notes),

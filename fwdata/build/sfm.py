@@ -31,6 +31,7 @@ All randomness (RANSAC, mapper) is seeded, so the same clip gives the same camer
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -39,9 +40,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fwdata.dataset import camera
+from fwdata.dataset.lens import Lens
 
 
 #: a try whose free focal ends within this fraction of the focal it was mapped with is settled
@@ -70,21 +72,45 @@ class SfmOptions(BaseModel):
     loop_detection: bool = Field(False, description="also match keyframes that look alike but are far apart in time")
     loop_candidates: int = Field(3, ge=1, description="loop-closure partners tried per keyframe")
     mapper: Literal["incremental", "global"] = Field("incremental", description="COLMAP incremental or GLOMAP global")
-    camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE"] = Field(
-        "SIMPLE_PINHOLE", description="one focal (SIMPLE_PINHOLE) or fx, fy (PINHOLE); principal point at the centre"
+    camera_model: Literal["SIMPLE_RADIAL", "RADIAL", "SIMPLE_PINHOLE", "PINHOLE"] = Field(
+        "RADIAL", description="camera estimated when the intrinsics are unknown: one focal and radial k1 "
+                                     "(SIMPLE_RADIAL), k1 and k2 (RADIAL), or no distortion (SIMPLE_PINHOLE; PINHOLE: "
+                                     "fx and fy); principal point at the centre. A lens whose distortion is not "
+                                     "measurably above its uncertainty is written as a pinhole"
     )
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
         None, description="known fx, fy, cx, cy in clip pixels (the build converts --intrinsics from source pixels)"
     )
+    distortion: Optional[tuple[float, float, float, float]] = Field(
+        None, description="known OpenCV lens distortion k1, k2, p1, p2 (with `intrinsics`); the clip is undistorted"
+    )
+    focal_hypotheses: int = Field(3, ge=1, description="independent focal-length starts whose keyframe maps must agree "
+                                                       "(the wrong-basin check; 1 = no check)")
+    max_focal_spread: float = Field(0.03, gt=0, description="a clip whose plausible focal hypotheses differ by more "
+                                                            "than this fraction is refused as ambiguous")
+    max_focal_uncertainty: float = Field(0.02, gt=0, description="a clip whose focal standard deviation (bundle "
+                                                                 "adjustment covariance) exceeds this fraction is "
+                                                                 "refused as weakly determined")
+    hypothesis_tolerance: float = Field(0.10, ge=0, description="a hypothesis is plausible when its reprojection "
+                                                                "error is within this fraction of the best one's")
     refine_intrinsics: bool = Field(True, description="refine the focal length (ignored with known intrinsics)")
     initial_fov_deg: Optional[float] = Field(
         None, gt=1, lt=179, description="initial horizontal field of view; None = COLMAP's guess f = 1.2 max(W, H)"
     )
     robust_loss_px: float = Field(0.0, ge=0, description="Cauchy loss scale of the final adjustment; 0 = automatic")
-    max_reproj_error_px: float = Field(4.0, gt=0, description="observations above this error are dropped")
+    max_reproj_error_px: float = Field(4.0, gt=0, description="observations above this error are always dropped")
+    outlier_factor: float = Field(4.0, ge=0, description="observations above this many times the clip's median point "
+                                                         "error (at least 1 px) are dropped too; 0 = off")
     min_features: int = Field(64, ge=1, description="median SIFT features per frame below this = textureless clip")
+    peak_threshold: float = Field(0.02 / 3, gt=0, description="SIFT contrast threshold (COLMAP's default)")
+    min_features_target: int = Field(500, ge=0, description="fewer median SIFT features per frame than this: extract "
+                                                            "again, upsampled, with a third of the peak threshold")
     min_motion_px: float = Field(1.0, ge=0, description="median feature motion below this everywhere = static clip")
     max_step_ratio: float = Field(10.0, gt=1, description="a camera step this many times the median step is a jump")
+    max_dense_pairs: int = Field(1500, ge=0, description="when mapping splits or leaves keyframes out, match every "
+                                                         "keyframe pair if that is at most this many pairs, and retry")
+    max_image_size: int = Field(1024, ge=0, description="long side (px) of the frames features are found on when the "
+                                                        "source has more pixels than the clip; 0 = the clip's size")
     num_threads: int = Field(0, ge=-1, description="threads for matching and adjustment; 0 = the build's `threads` "
                                                   "(1 when run alone), -1 = all cores. More than 1 makes the cameras "
                                                   "differ run to run at ~1e-16 (Ceres)")
@@ -98,6 +124,16 @@ class SfmOptions(BaseModel):
             raise ValueError("intrinsics fx, fy must be positive")
         return v
 
+    @model_validator(mode="after")
+    def _distortion_needs_intrinsics(self) -> "SfmOptions":
+        if self.distortion is not None and self.intrinsics is None:
+            raise ValueError("distortion is given without intrinsics: give both (fx, fy, cx, cy, k1, k2, p1, p2)")
+        return self
+
+    @property
+    def estimates_lens(self) -> bool:
+        return self.intrinsics is None and self.camera_model in ("SIMPLE_RADIAL", "RADIAL")
+
 
 class SfmError(RuntimeError):
     """The clip has no usable camera trajectory; the message says why (one line)."""
@@ -107,10 +143,19 @@ class SfmError(RuntimeError):
 class SfmResult:
     """Cameras and sparse structure of a clip, frame 0 = world, median point depth = 1.
 
-    w2c (T,4,4); K (3,3); points (N,3) world; point_errors (N,) mean reprojection error per point;
-    obs_frame / obs_point (M,) which frame sees which point, obs_uv (M,2) the observed pixel
-    (pixel centres at +0.5); keyframes: frame indices mapped first; mapped (T,) bool: frames in the
-    mapper's model before the registration pass.
+    w2c (T,4,4); K (3,3) and lens: the camera of the frames as given (K is the pinhole part; a
+    non-identity lens means the frames are distorted and the build undistorts them,
+    fwdata.dataset.lens.Undistortion); points (N,3) world; point_errors (N,) mean reprojection
+    error per point; obs_frame / obs_point (M,) which frame sees which point, obs_uv (M,2) the
+    observed pixel (pixel centres at +0.5); keyframes: frame indices mapped first; mapped (T,)
+    bool: frames in the mapper's model before the registration pass.
+
+    focal_uncertainty: standard deviation of the focal length / focal length, from the final bundle
+    adjustment's covariance scaled by the reprojection noise (None when it could not be computed);
+    focal_hypotheses: the settled focal length (px) of each independent start that mapped every
+    keyframe in one model with a plausible reprojection error; focal_spread: (max - min) / median
+    of them (with known intrinsics: how far a free adjustment moves the given focal, as a fraction);
+    k1_uncertainty: standard deviation of the estimated k1 (None without a lens estimate).
     """
 
     w2c: np.ndarray
@@ -124,12 +169,24 @@ class SfmResult:
     mapped: np.ndarray
     reprojection_error: float
     num_models: int
+    lens: Lens = field(default_factory=Lens)
+    focal_uncertainty: Optional[float] = None
+    focal_spread: Optional[float] = None
+    focal_hypotheses: list[float] = field(default_factory=list)
+    k1_uncertainty: Optional[float] = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
         return len(self.w2c)
+
+    def scaled(self, sx: float, sy: float) -> "SfmResult":
+        """The same cameras for the frames resized by (sx, sy) (pixel centres at +0.5: u' = sx u)."""
+        if (sx, sy) == (1.0, 1.0):
+            return self
+        S = np.diag([sx, sy, 1.0])
+        return dataclasses.replace(self, K=S @ self.K, obs_uv=self.obs_uv * np.array([sx, sy]))
 
     def frame_observations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(point indices, observed uv) of frame i."""
@@ -154,6 +211,35 @@ def initial_focal(width: int, height: int, opts: SfmOptions) -> float:
     if opts.initial_fov_deg is not None:
         return float(camera.fov_to_focal(np.radians(opts.initial_fov_deg), width))
     return 1.2 * max(width, height)  # COLMAP's default prior
+
+
+def initial_camera(height: int, width: int, opts: SfmOptions) -> tuple[str, list[float]]:
+    """(COLMAP camera model, its parameters) of the clip's shared camera before mapping: the known
+    intrinsics (OPENCV with a known lens, else PINHOLE), or the estimated model at the initial focal
+    with the principal point at the centre and no distortion."""
+    if opts.intrinsics is not None:
+        if opts.distortion is not None:
+            return "OPENCV", list(opts.intrinsics) + list(opts.distortion)
+        return "PINHOLE", list(opts.intrinsics)
+    f = initial_focal(width, height, opts)
+    cx, cy = width / 2.0, height / 2.0
+    return opts.camera_model, {"SIMPLE_PINHOLE": [f, cx, cy], "PINHOLE": [f, f, cx, cy],
+                               "SIMPLE_RADIAL": [f, cx, cy, 0.0], "RADIAL": [f, cx, cy, 0.0, 0.0]}[opts.camera_model]
+
+
+def camera_intrinsics(cam) -> tuple[np.ndarray, Lens]:
+    """(K (3,3), lens) of a pycolmap camera of the models `initial_camera` makes."""
+    p = [float(x) for x in cam.params]
+    model = cam.model.name
+    if model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
+        K = camera.intrinsics_matrix(p[0], p[0], p[1], p[2])
+        lens = Lens(k1=p[3] if len(p) > 3 else 0.0, k2=p[4] if len(p) > 4 else 0.0)
+    elif model in ("PINHOLE", "OPENCV"):
+        K = camera.intrinsics_matrix(p[0], p[1], p[2], p[3])
+        lens = Lens(*p[4:8]) if model == "OPENCV" else Lens()
+    else:
+        raise SfmError(f"unexpected COLMAP camera model {model}")
+    return K, lens
 
 
 def _quiet(opts: SfmOptions) -> None:
@@ -213,24 +299,17 @@ class _Clip:
         names = [_name(i) for i in range(self.T)]
         for name, frame in zip(names, frames):
             Image.fromarray(_luma8(frame)).save(images / name)
-        eo = pc.FeatureExtractionOptions()
-        eo.sift.max_num_features = self.opts.max_features
-        eo.sift.first_octave = first_octave(self.H, self.W, self.opts)
-        eo.max_image_size = max(self.H, self.W)
-        eo.num_threads = _threads(self.opts)
-        ro = pc.ImageReaderOptions()
-        if self.opts.intrinsics is not None:
-            ro.camera_model = "PINHOLE"
-            params = list(self.opts.intrinsics)
-        else:
-            ro.camera_model = self.opts.camera_model
-            f = initial_focal(self.W, self.H, self.opts)
-            params = [f, self.W / 2.0, self.H / 2.0] if ro.camera_model == "SIMPLE_PINHOLE" else \
-                [f, f, self.W / 2.0, self.H / 2.0]
-        ro.camera_params = ",".join(repr(float(x)) for x in params)
-        _quiet(self.opts)
-        pc.extract_features(self.db_path, images, image_names=names, camera_mode=pc.CameraMode.SINGLE,
-                            reader_options=ro, extraction_options=eo, device=pc.Device.cpu)
+        octave, peak = first_octave(self.H, self.W, self.opts), self.opts.peak_threshold
+        self._extract_sift(images, names, octave, peak)
+        n = self._median_features()
+        if n < self.opts.min_features_target:
+            # low-contrast frames (indoor, compressed): upsample first and lower the contrast threshold,
+            # once; the clip is refused as textureless only if that finds too few too
+            self.db_path.unlink()
+            octave, peak = -1, peak / 3.0
+            self._extract_sift(images, names, octave, peak)
+            self.notes.append(f"sfm: {n} SIFT features per frame (median); extracted again upsampled with "
+                              f"peak threshold {peak:.4f}: {self._median_features()}")
         with pc.Database.open(str(self.db_path)) as db:
             if db.num_images() != self.T:
                 raise SfmError(f"feature extraction read {db.num_images()} of {self.T} frames")
@@ -245,6 +324,25 @@ class _Clip:
                 self.descriptors.append(np.asarray(db.read_descriptors(image_id).data))
         self.names = names
         self.timings["features"] = time.perf_counter() - t0
+
+    def _extract_sift(self, images: Path, names: list[str], octave: int, peak: float) -> None:
+        pc = self.pc
+        eo = pc.FeatureExtractionOptions()
+        eo.sift.max_num_features = self.opts.max_features
+        eo.sift.first_octave = octave
+        eo.sift.peak_threshold = peak
+        eo.max_image_size = max(self.H, self.W)
+        eo.num_threads = _threads(self.opts)
+        ro = pc.ImageReaderOptions()
+        ro.camera_model, params = initial_camera(self.H, self.W, self.opts)
+        ro.camera_params = ",".join(repr(float(x)) for x in params)
+        _quiet(self.opts)
+        pc.extract_features(self.db_path, images, image_names=names, camera_mode=pc.CameraMode.SINGLE,
+                            reader_options=ro, extraction_options=eo, device=pc.Device.cpu)
+
+    def _median_features(self) -> int:
+        with self.pc.Database.open(str(self.db_path)) as db:
+            return int(np.median([db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()]))
 
     # ---- matching ------------------------------------------------------------------------
 
@@ -286,14 +384,15 @@ class _Clip:
                 out[(a, b)] = (len(m), float(np.median(d)))
         return out
 
-    def set_focal(self, focal: float) -> None:
+    def set_camera(self, focal: float, extra: Optional[list[float]] = None) -> None:
+        """Set the shared camera's focal length (and distortion parameters) in the database."""
         with self.pc.Database.open(str(self.db_path)) as db:
             cam = db.read_camera(1)
             p = list(cam.params)
-            if len(p) == 3:
-                p[0] = focal
-            else:
-                p[0] = p[1] = focal
+            for i in cam.focal_length_idxs():
+                p[i] = focal
+            for i, v in zip(cam.extra_params_idxs(), extra if extra is not None else []):
+                p[i] = v
             cam.params = p
             db.update_camera(cam)
 
@@ -464,11 +563,14 @@ def _observation_errors(rec) -> np.ndarray:
     return np.asarray(errs, dtype=np.float64) if errs else np.zeros(0)
 
 
-def _final_adjustment(clip: _Clip, rec, refine_focal: bool, iterations: tuple[int, int] = BA_ITERATIONS) -> None:
-    """Global BA of all frames: focal free (if asked), robust loss at the clip's noise level, outliers dropped."""
+def _final_adjustment(clip: _Clip, rec, refine_focal: bool, refine_lens: bool = False,
+                      iterations: tuple[int, int] = BA_ITERATIONS):
+    """Global BA of all frames: focal (and lens distortion) free if asked, robust loss at the clip's
+    noise level, outliers dropped. Returns the last round's bundle adjuster (for the covariance)."""
     pc = clip.pc
     opts = clip.opts
     _quiet(opts)
+    adjuster = None
     for round_ in range(2):
         errs = _observation_errors(rec)
         scale = opts.robust_loss_px or float(np.clip(1.5 * np.median(errs) if len(errs) else 1.0, 0.1, 2.0))
@@ -476,7 +578,7 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool, iterations: tuple[in
         bao.print_summary = False
         bao.refine_focal_length = refine_focal
         bao.refine_principal_point = False
-        bao.refine_extra_params = False
+        bao.refine_extra_params = refine_lens
         bao.ceres.loss_function_type = pc.LossFunctionType.CAUCHY
         bao.ceres.loss_function_scale = scale
         bao.ceres.solver_options.num_threads = _threads(opts)
@@ -486,13 +588,30 @@ def _final_adjustment(clip: _Clip, rec, refine_focal: bool, iterations: tuple[in
         for image_id in rec.reg_image_ids():
             config.add_image(image_id)
         config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
-        pc.create_default_bundle_adjuster(bao, config, rec).solve()  # (pc.bundle_adjustment resets the log level)
-        pc.ObservationManager(rec).filter_all_points3D(opts.max_reproj_error_px, 1.0)
+        adjuster = pc.create_default_ceres_bundle_adjuster(bao, config, rec)
+        adjuster.solve()  # (pc.bundle_adjustment resets the log level)
+        pc.ObservationManager(rec).filter_all_points3D(_outlier_threshold(rec, opts), 1.0)
+    return adjuster
+
+
+def _outlier_threshold(rec, opts: SfmOptions) -> float:
+    """Reprojection error (px) above which observations are dropped: `outlier_factor` times the clip's
+    median point error, between 1 px and `max_reproj_error_px`. A fixed 4 px keeps the tracks of a
+    moving object, which pull the focal length; the clip's own noise level does not."""
+    errs = _observation_errors(rec)
+    if not len(errs) or not opts.outlier_factor:
+        return opts.max_reproj_error_px
+    return float(np.clip(opts.outlier_factor * np.median(errs), 1.0, opts.max_reproj_error_px))
 
 
 def _camera_focal(cam) -> float:
     """A pycolmap camera's focal length in pixels (the mean of fx and fy for two-focal models)."""
     return float(np.mean([cam.params[i] for i in cam.focal_length_idxs()]))
+
+
+def _camera_extra(cam) -> list[float]:
+    """A pycolmap camera's distortion parameters."""
+    return [float(cam.params[i]) for i in cam.extra_params_idxs()]
 
 
 def _focal(rec) -> float:
@@ -506,15 +625,18 @@ def _no_initial_pair() -> SfmError:
 
 @dataclass
 class _Attempt:
-    """One mapping of the clip with the focal length held at `f_fixed`, then the final adjustment."""
+    """One mapping of the keyframes with the camera held at (`f_fixed`, `extra_fixed`), then an
+    adjustment with the focal (and lens) free: where it ended (`f_final`, `extra_final`)."""
 
     f_fixed: float
     f_final: float
+    extra_final: list[float]
     rec: object
     mapped: np.ndarray
     num_models: int
     reproj: float
     registered: int
+    start: float = 0.0  # the focal this hypothesis started from
 
     @property
     def consistent(self) -> bool:
@@ -553,13 +675,15 @@ def _view_graph_focal(clip: _Clip) -> Optional[float]:
     return f if abs(f / f0 - 1.0) > 0.02 and _plausible(f, clip.W) else None
 
 
-def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, refine: bool) -> Optional[_Attempt]:
-    """Map the keyframes with the focal held at `f_fixed`, then adjust them (with the focal free if `refine`).
+def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, extra: Optional[list[float]],
+             refine: bool) -> Optional[_Attempt]:
+    """Map the keyframes with the camera held at `f_fixed` (and distortion `extra`, None = 0), then
+    adjust them (with the focal and the lens free if `refine`).
 
     Without `refine` the camera in the database (known intrinsics) is used as it is.
     """
     if refine:
-        clip.set_focal(f_fixed)
+        clip.set_camera(f_fixed, extra if extra is not None else [0.0] * 8)
     t0 = time.perf_counter()
     models = _map_keyframes(clip, keyframes, refine_focal=False)
     clip.timings["mapping"] = clip.timings.get("mapping", 0.0) + time.perf_counter() - t0
@@ -569,52 +693,224 @@ def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, refine: bool) ->
     mapped = np.zeros(clip.T, bool)
     mapped[list(_registered_frames(rec, clip))] = True
     t0 = time.perf_counter()
-    _final_adjustment(clip, rec, refine_focal=refine)
+    _final_adjustment(clip, rec, refine_focal=refine, refine_lens=refine and clip.opts.estimates_lens)
     clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
-    return _Attempt(f_fixed=f_fixed, f_final=_focal(rec), rec=rec, mapped=mapped, num_models=len(models),
-                    reproj=float(rec.compute_mean_reprojection_error()), registered=rec.num_reg_images())
+    cam = next(iter(rec.cameras.values()))
+    return _Attempt(f_fixed=f_fixed, f_final=_camera_focal(cam), extra_final=_camera_extra(cam), rec=rec,
+                    mapped=mapped, num_models=len(models), reproj=float(rec.compute_mean_reprojection_error()),
+                    registered=rec.num_reg_images())
 
 
-def _solve(clip: _Clip, keyframes: list[int], refine: bool, max_attempts: int = 5) -> list[_Attempt]:
-    """Keyframe maps with the focal held fixed at a candidate, each adjusted with the focal free; the
-    candidate is replaced by the adjusted focal until it settles (a map built with a wrong focal is
-    distorted, and adjustment alone cannot undo that in a flat focal/structure valley).
+def _settle(clip: _Clip, keyframes: list[int], f_start: float, max_rounds: int = 3) -> list[_Attempt]:
+    """One focal hypothesis: map with the focal held at `f_start`, adjust with it free, and map again
+    with the adjusted camera until the focal settles (a map built with a wrong focal is distorted,
+    and adjustment alone cannot undo that in a flat focal/structure valley). Returns every attempt."""
+    out: list[_Attempt] = []
+    f, extra = f_start, None
+    for _ in range(max_rounds):
+        a = _attempt(clip, keyframes, f, extra, refine=True)
+        if a is None:
+            break
+        a.start = f_start
+        out.append(a)
+        if a.consistent or a.num_models != 1 or not _plausible(a.f_final, clip.W):
+            break
+        f, extra = a.f_final, a.extra_final
+    return out
 
-    Candidates, in order: the initial guess, the view-graph calibration's focal (from the fundamental
-    matrices; it rescues clips where the guess breaks mapping up, but can be far off on others), then
-    a ladder of fields of view for clips where mapping breaks up. Only keyframes take part, so the
-    tries are cheap; the other frames are registered once, afterwards.
+
+@dataclass
+class _Solution:
+    """The chosen keyframe map and what the hypotheses said about the focal length."""
+
+    best: _Attempt
+    attempts: list[_Attempt]
+    hypotheses: list[float]  # the adjusted focal of each plausible complete keyframe map
+    spread: Optional[float]
+    starts: int = 1  # focal starts that gave a complete keyframe map
+
+
+def hypothesis_spread(focals: list[float]) -> Optional[float]:
+    """(max - min) / median of focal lengths; None for fewer than two."""
+    if len(focals) < 2:
+        return None
+    f = np.asarray(focals, dtype=np.float64)
+    return float((f.max() - f.min()) / np.median(f))
+
+
+def _solve(clip: _Clip, keyframes: list[int], refine: bool) -> _Solution:
+    """Keyframe maps from several independent focal hypotheses, each settled (`_settle`).
+
+    Starts, in order: the initial guess, the view-graph calibration's focal (from the fundamental
+    matrices), then a ladder of fields of view, until `focal_hypotheses` of them map every keyframe
+    in one model (or the ladder ends). A hypothesis is plausible when its reprojection error is
+    within `hypothesis_tolerance` of the best one's; the spread of the plausible focal lengths says
+    whether the data pick one basin (small) or several (the clip is ambiguous). Only keyframes take
+    part, so the tries are cheap; the other frames are registered once, afterwards.
     """
     f0 = _focal_from_db(clip)
     if not refine:
-        a = _attempt(clip, keyframes, f0, refine=False)
+        a = _attempt(clip, keyframes, f0, None, refine=False)
         if a is None:
             raise _no_initial_pair()
-        return [a]
+        return _Solution(best=a, attempts=[a], hypotheses=[a.f_final], spread=None)
+    opts = clip.opts
     queue: list = [f0, "view-graph"]  # the view-graph focal is computed only when it is needed
-    queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (60.0, 45.0, 80.0, 100.0)]
+    queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (75.0, 30.0, 60.0, 100.0)]
     attempts: list[_Attempt] = []
-    tried: list[float] = []
-    while queue and len(tried) < max_attempts:
+    settled: list[_Attempt] = []  # every attempt that mapped every keyframe in one model
+    starts: list[float] = []
+    starts_complete = 0
+    while queue and starts_complete < opts.focal_hypotheses:
         f = queue.pop(0)
         if f == "view-graph":
             f = _view_graph_focal(clip)
             if f is None:
                 continue
-        if any(abs(f / t - 1.0) < 0.01 for t in tried):
+        near = [a for a in attempts if abs(f / a.f_final - 1.0) < 0.01 or abs(f / a.start - 1.0) < 0.01]
+        if any(abs(f / t - 1.0) < 0.01 for t in starts) or near:
             continue
-        tried.append(f)
-        a = _attempt(clip, keyframes, f, refine=True)
-        if a is None:
-            continue
-        attempts.append(a)
-        if a.consistent and a.registered == len(keyframes):
-            break
-        if _plausible(a.f_final, clip.W) and a.num_models == 1:
-            queue.insert(0, a.f_final)  # map again with the focal the adjustment found
+        starts.append(f)
+        tries = _settle(clip, keyframes, f)
+        attempts += tries
+        complete = [a for a in tries if a.num_models == 1 and a.registered == len(keyframes)]
+        if complete:
+            settled += complete  # every complete map is evidence, settled or not (a basin it left counts)
+            starts_complete += 1
     if not attempts:
         raise _no_initial_pair()
-    return attempts
+    best = min(attempts, key=lambda a: a.rank)
+    basins = [a for a in settled if a.consistent]  # the focal stayed where the map was built: a basin
+    if basins:
+        best = min(basins, key=lambda a: a.reproj)
+        limit = best.reproj * (1.0 + opts.hypothesis_tolerance)
+        # every plausible basin, and any map still travelling that already reprojects better than the
+        # chosen one (a better solution the tries did not settle in: the data do not pick one focal)
+        hypotheses = [a.f_final for a in basins if a.reproj <= limit]
+        hypotheses += [a.f_final for a in settled if not a.consistent and a.reproj < best.reproj]
+    elif settled:
+        best = min(settled, key=lambda a: a.reproj)
+        limit = best.reproj * (1.0 + opts.hypothesis_tolerance)
+        hypotheses = [a.f_final for a in settled if a.reproj <= limit]
+    else:
+        hypotheses = [best.f_final]
+    return _Solution(best=best, attempts=attempts, hypotheses=hypotheses, spread=hypothesis_spread(hypotheses),
+                     starts=starts_complete)
+
+
+def _covariance(clip: _Clip, rec, adjuster) -> tuple[Optional[float], Optional[float]]:
+    """(focal std / focal, k1 std) of the last adjustment, from COLMAP's bundle-adjustment covariance
+    scaled by the reprojection noise (the covariance assumes 1 px residuals); None where unavailable."""
+    pc = clip.pc
+    try:
+        co = pc.BACovarianceOptions()
+        co.params = pc.BACovarianceOptionsParams.ALL
+        cov = pc.estimate_ba_covariance(co, rec, adjuster)
+        if cov is None:
+            return None, None
+        cam = next(iter(rec.cameras.values()))
+        c = cov.get_other_params_cov(cam.params)
+    except Exception:
+        return None, None
+    if c is None:
+        return None, None
+    c = np.asarray(c, dtype=np.float64)
+    errs = _observation_errors(rec)
+    sigma = float(np.sqrt(np.mean(errs ** 2))) if len(errs) else 1.0
+    f = _camera_focal(cam)
+    # rows/columns of constant parameters (the principal point; the lens when not refined) are omitted
+    variable = sorted(list(cam.focal_length_idxs()) + list(cam.extra_params_idxs()))
+    if c.shape[0] != len(variable):
+        variable = sorted(cam.focal_length_idxs())
+    if c.shape[0] != len(variable):
+        return None, None
+    row = {p: n for n, p in enumerate(variable)}
+    var_f = float(np.mean([c[row[i], row[i]] for i in cam.focal_length_idxs()]))
+    focal_unc = _stat(np.sqrt(max(var_f, 0.0)) * sigma / f)
+    extra = list(cam.extra_params_idxs())
+    k1_unc = _stat(np.sqrt(max(c[row[extra[0]], row[extra[0]]], 0.0)) * sigma) if extra and extra[0] in row else None
+    return focal_unc, k1_unc
+
+
+def _stat(x: float) -> float:
+    """A statistic to 3 significant digits: the covariance's sparse solver differs in the last bits
+    from process to process, and a recorded number must not (the same inputs give the same bytes)."""
+    return float(f"{float(x):.3g}")
+
+
+def _squared_residuals(rec) -> tuple[float, int]:
+    """(sum of squared reprojection errors in px^2, number of observations) of a reconstruction."""
+    total, n = 0.0, 0
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        obs = image.get_observation_points2D()
+        if not obs:
+            continue
+        xyz = np.array([rec.points3D[p.point3D_id].xyz for p in obs])
+        uv = np.array([p.xy for p in obs])
+        cam_pts = (xyz @ image.cam_from_world().matrix()[:, :3].T) + image.cam_from_world().matrix()[:, 3]
+        proj = np.array(rec.cameras[image.camera_id].img_from_cam(cam_pts), dtype=np.float64).reshape(-1, 2)
+        total += float(np.sum((proj - uv) ** 2))
+        n += len(obs)
+    return total, n
+
+
+def _adjust(clip: _Clip, rec, refine_focal: bool, refine_lens: bool, iterations: int = 30) -> None:
+    """One bundle adjustment of all frames with a plain squared loss and no outlier filtering (the
+    observations stay the same, so costs before and after compare)."""
+    pc = clip.pc
+    _quiet(clip.opts)
+    bao = pc.BundleAdjustmentOptions()
+    bao.print_summary = False
+    bao.refine_focal_length = refine_focal
+    bao.refine_principal_point = False
+    bao.refine_extra_params = refine_lens
+    bao.ceres.solver_options.num_threads = _threads(clip.opts)
+    bao.ceres.solver_options.max_num_iterations = iterations
+    bao.ceres.solver_options.function_tolerance = 1e-8
+    config = pc.BundleAdjustmentConfig()
+    for image_id in rec.reg_image_ids():
+        config.add_image(image_id)
+    config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    pc.create_default_ceres_bundle_adjuster(bao, config, rec).solve()
+
+
+def _profile_uncertainty(clip: _Clip, rec, refine_lens: bool, delta: float = 0.02) -> Optional[float]:
+    """Focal std / focal from the profile of the reprojection cost: with the focal held at f (1 +- delta)
+    and everything else (the lens too) re-adjusted, sigma_f = delta f / sqrt(delta chi^2), chi^2 =
+    cost / per-coordinate noise variance, on the same observations. The fallback when COLMAP's
+    covariance cannot be computed."""
+    base_rec = clip.pc.Reconstruction(rec)
+    _adjust(clip, base_rec, refine_focal=True, refine_lens=refine_lens)  # the same loss as the profile
+    base, n = _squared_residuals(base_rec)
+    if n < 10 or base <= 0:
+        return None
+    var = base / (2 * n)  # per-coordinate noise variance
+    f = _focal(base_rec)
+    rises = []
+    for sign in (-1.0, 1.0):
+        copy = clip.pc.Reconstruction(base_rec)
+        cam = next(iter(copy.cameras.values()))
+        p = list(cam.params)
+        for i in cam.focal_length_idxs():
+            p[i] = f * (1.0 + sign * delta)
+        cam.params = p
+        _adjust(clip, copy, refine_focal=False, refine_lens=refine_lens)
+        cost, _ = _squared_residuals(copy)
+        rises.append(max(cost - base, 1e-12) / var)
+    return _stat(delta / np.sqrt(np.mean(rises)))
+
+
+def _given_focal_disagreement(clip: _Clip, rec) -> Optional[float]:
+    """With known intrinsics: how far (fraction) a free adjustment of a copy of the final model moves
+    the given focal length. Large when the video contradicts the given intrinsics."""
+    copy = clip.pc.Reconstruction(rec)
+    f_given = _focal(copy)
+    try:
+        _final_adjustment(clip, copy, refine_focal=True, iterations=FINAL_BA_ITERATIONS)
+    except Exception:
+        return None
+    return abs(_focal(copy) / f_given - 1.0)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -661,20 +957,95 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
 
         known = opts.intrinsics is not None
         refine = opts.refine_intrinsics and not known
-        attempts = _solve(clip, keyframes, refine)
-        best = min(attempts, key=lambda a: a.rank)
+        solution = _solve(clip, keyframes, refine)
+        if _incomplete(solution, keyframes) and len(keyframes) > opts.overlap + 1:
+            # mapping split or left keyframes out: match every keyframe pair (and each frame with two
+            # keyframes on each side), as the plain exhaustive recipe would, and solve again
+            denser = dense_pairs(T, keyframes, opts.max_dense_pairs)
+            if denser:
+                clip.match(denser)
+                clip.notes.append(f"sfm: mapping was incomplete; retried with {len(clip.matched)} matched pairs")
+                retry = _solve(clip, keyframes, refine)
+                if _complete_rank(retry) < _complete_rank(solution):
+                    solution = retry
+        best = solution.best
+        if refine and solution.spread is not None and solution.spread > opts.max_focal_spread:
+            raise SfmError(f"focal length ambiguous: keyframe maps from {solution.starts} focal starts end at "
+                           f"{', '.join(f'{f:.0f}' for f in sorted(solution.hypotheses))} px "
+                           f"({100 * solution.spread:.0f} % apart, limit {100 * opts.max_focal_spread:g} %) with "
+                           f"equally good reprojection; give --intrinsics")
         mapped, num_models = best.mapped, best.num_models
         t0 = time.perf_counter()
-        rec = _extend(clip, best.rec, keyframes)  # every other frame, focal held at the settled value
+        rec = _extend(clip, best.rec, keyframes)  # every other frame, camera held at the settled value
         clip.timings["registration"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _final_adjustment(clip, rec, refine_focal=refine, iterations=FINAL_BA_ITERATIONS)
+        estimate_lens = refine and opts.estimates_lens
+        adjuster = _final_adjustment(clip, rec, refine_focal=refine, refine_lens=estimate_lens,
+                                     iterations=FINAL_BA_ITERATIONS)
+        focal_unc, k1_unc = _covariance(clip, rec, adjuster) if refine else (None, None)
+        if refine and focal_unc is None:  # the covariance solver gave up (e.g. distant points of a pan)
+            focal_unc = _profile_uncertainty(clip, rec, estimate_lens)
+        if estimate_lens and not _lens_significant(rec, k1_unc):
+            # no measurable distortion: the lens stays a pinhole (no resampling of the frames)
+            _zero_lens(rec)
+            _final_adjustment(clip, rec, refine_focal=True, refine_lens=False, iterations=FINAL_BA_ITERATIONS)
+            clip.notes.append(f"sfm: lens distortion not significant (k1 std {k1_unc}); pinhole kept")
         clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
+        spread = solution.spread
+        if known:
+            spread = _given_focal_disagreement(clip, rec)
         clip.notes.append("sfm: focal tries " + ", ".join(
             f"{a.f_fixed:.1f}->{a.f_final:.1f} ({a.num_models} model{'s' if a.num_models != 1 else ''}, "
-            f"{a.reproj:.3f} px)" for a in attempts))
+            f"{a.reproj:.3f} px)" for a in solution.attempts))
         result = _result(clip, rec, keyframes, mapped, num_models)
+        result.focal_uncertainty = focal_unc
+        result.k1_uncertainty = k1_unc if not result.lens.is_identity else None
+        result.focal_hypotheses = [float(f) for f in solution.hypotheses]
+        result.focal_spread = _stat(spread) if spread is not None else None
+        if refine and focal_unc is not None and focal_unc > opts.max_focal_uncertainty:
+            raise SfmError(f"focal length weakly determined by this camera motion: standard deviation "
+                           f"{100 * focal_unc:.1f} % (limit {100 * opts.max_focal_uncertainty:g} %); give --intrinsics")
     return result
+
+
+def _incomplete(solution: "_Solution", keyframes: list[int]) -> bool:
+    return solution.best.num_models != 1 or solution.best.registered < len(keyframes)
+
+
+def _complete_rank(solution: "_Solution") -> tuple:
+    return (-solution.best.registered, solution.best.num_models, solution.best.reproj)
+
+
+def dense_pairs(T: int, keyframes: list[int], max_pairs: int) -> list[tuple[int, int]]:
+    """Every keyframe pair, and each other frame with the two keyframes before and after it; []
+    when that is more than `max_pairs` pairs."""
+    pairs = {(a, b) for n, a in enumerate(keyframes) for b in keyframes[n + 1:]}
+    kf = np.asarray(keyframes)
+    for i in range(T):
+        if i in keyframes:
+            continue
+        for k in list(kf[kf < i][-2:]) + list(kf[kf > i][:2]):
+            pairs.add((min(i, int(k)), max(i, int(k))))
+    return sorted(pairs) if len(pairs) <= max_pairs else []
+
+
+def _lens_significant(rec, k1_unc: Optional[float]) -> bool:
+    """Distortion counts when k1 is more than 3 standard deviations and 0.005 away from 0 (a radial
+    term that changes the image corners by well under a pixel is noise)."""
+    cam = next(iter(rec.cameras.values()))
+    extra = _camera_extra(cam)
+    if not extra:
+        return False
+    k1 = abs(extra[0])
+    return k1 > 0.005 and (k1_unc is None or k1 > 3.0 * k1_unc)
+
+
+def _zero_lens(rec) -> None:
+    cam = next(iter(rec.cameras.values()))
+    p = list(cam.params)
+    for i in cam.extra_params_idxs():
+        p[i] = 0.0
+    cam.params = p  # the reconstruction's own camera (pycolmap returns a reference)
 
 
 def _focal_from_db(clip: _Clip, db_path: Optional[Path] = None) -> float:
@@ -698,12 +1069,7 @@ def _result(clip: _Clip, rec, keyframes: list[int], mapped: np.ndarray, num_mode
         missing = np.flatnonzero(~have).tolist()
         raise SfmError(f"{len(missing)} of {T} frames could not be registered (frames {_ranges(missing)}); "
                        f"the mapping split into {num_models} model(s) that could not be joined")
-    cam = next(iter(rec.cameras.values()))
-    p = list(cam.params)
-    if len(p) == 3:
-        K = camera.intrinsics_matrix(p[0], p[0], p[1], p[2])
-    else:
-        K = camera.intrinsics_matrix(p[0], p[1], p[2], p[3])
+    K, lens = camera_intrinsics(next(iter(rec.cameras.values())))
 
     rec.update_point_3d_errors()
     ids = sorted(rec.points3D.keys())
@@ -747,7 +1113,7 @@ def _result(clip: _Clip, rec, keyframes: list[int], mapped: np.ndarray, num_mode
     return SfmResult(
         w2c=w2c, K=K, points=pts, point_errors=errs, obs_frame=obs_frame, obs_point=obs_point, obs_uv=obs_uv,
         keyframes=keyframes, mapped=mapped, reprojection_error=float(rec.compute_mean_reprojection_error()),
-        num_models=num_models, timings=dict(clip.timings),
+        num_models=num_models, lens=lens, timings=dict(clip.timings),
         notes=clip.notes + [f"sfm: {len(keyframes)} keyframes (step {keyframes[1] - keyframes[0] if len(keyframes) > 1 else 1}), "
                f"{num_models} model(s) from mapping, {int(mapped.sum())} frames mapped, "
                f"{T - int(mapped.sum())} registered afterwards"],

@@ -624,6 +624,32 @@ class SamplePaths(BaseModel):
         return [p for p in (self.video, self.depth, self.points, self.points_ply, self.camera_txt, self.camera_json) if p]
 
 
+class SourceCamera(BaseModel):
+    """The camera of the source video as the build found it (or was given it), in *source* pixels.
+
+    The OpenCV lens model (fwdata.dataset.lens): a pinhole point (x, y) is seen at radial-tangential
+    distorted coordinates. A clip whose source lens distorts is resampled onto a pinhole camera: its
+    own intrinsics (camera_params) are always pinhole; `pinhole_focal_scale` is the written clip's
+    focal / this focal (above 1 when a pincushion lens needed a slight zoom to avoid blank borders).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = Field(
+        description="COLMAP camera model the parameters come from")
+    estimated: bool = Field(description="true: estimated from the video by SfM; false: given (--intrinsics)")
+    fx: float = Field(gt=0)
+    fy: float = Field(gt=0)
+    cx: float
+    cy: float
+    k1: float = 0.0
+    k2: float = 0.0
+    p1: float = 0.0
+    p2: float = 0.0
+    pinhole_focal_scale: float = Field(1.0, gt=0, description="written clip focal / source focal (both per pixel "
+                                                              "of their own image, after the resize)")
+
+
 class SourceRef(BaseModel):
     """Where a sample came from, so every frame can be traced back to its source video."""
 
@@ -647,6 +673,7 @@ class SourceRef(BaseModel):
         0, description="display rotation (degrees, counter-clockwise) stored in the source container and applied "
                        "by the decoder before cropping; width/height above are after rotation"
     )
+    camera: Optional[SourceCamera] = Field(None, description="the source camera and lens (None: older datasets)")
 
 
 class QualityMetrics(BaseModel):
@@ -667,6 +694,12 @@ class QualityMetrics(BaseModel):
     multiview_settings: Optional[MultiviewSettings] = Field(
         None, description="how multiview_consistency was measured (None: the defaults of fwdata.quality)"
     )
+    focal_uncertainty: Optional[float] = Field(
+        None, ge=0, description="standard deviation of the estimated focal length / focal length (bundle-adjustment "
+                                "covariance); None with known intrinsics")
+    focal_spread: Optional[float] = Field(
+        None, ge=0, description="(max - min) / median of the focal lengths independent SfM starts settle at; with "
+                                "known intrinsics, how far a free adjustment moves the given focal (fraction)")
     fov_h_deg: Optional[float] = Field(None, gt=0, lt=180)
     fov_w_deg: Optional[float] = Field(None, gt=0, lt=180)
     path_length: Optional[float] = Field(None, ge=0, description="camera path length, dataset unit")

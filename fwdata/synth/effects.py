@@ -1,7 +1,7 @@
 """What real cameras do to the synthetic clips: a harder test world, every effect seeded and off by default.
 
 `Effects` lists them (see docs/SYNTH.md for ranges): lens distortion (OpenCV k1, k2, p1, p2,
-`fwdata.synth.lens`), Gaussian sensor noise, motion blur (sub-frame renders averaged over the
+`fwdata.dataset.lens`), Gaussian sensor noise, motion blur (sub-frame renders averaged over the
 shutter), exposure and white-balance drift over the clip, H.264 at a target bitrate or CRF, large
 frame-to-frame motion (every k-th pose of a k times denser path), nearly uniform room faces (low
 texture) and a sphere crossing the view. `REALISTIC` combines them at moderate values.
@@ -31,7 +31,7 @@ from scipy.spatial.transform import Rotation
 
 from fwdata.dataset.camera import camera_centers, invert_pose, transform_points
 from fwdata.synth import render
-from fwdata.synth.lens import Lens, check_lens
+from fwdata.dataset.lens import Lens, check_lens
 
 __all__ = ["Effects", "REALISTIC", "PRESETS", "preset", "make_effects_clip", "flatten_room_faces",
            "moving_sphere_path", "interpolate_pose", "exposure_gains", "white_balance_gains", "encode_h264",

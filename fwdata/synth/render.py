@@ -14,7 +14,7 @@ Conventions: OpenCV camera axes (x right, y down, z forward), extrinsics world-t
 4x4, ``K`` in pixels with the centre of pixel ``(u, v)`` at ``(u + 0.5, v + 0.5)``, depth is
 z-depth in metres, the world's y axis points down (up is -y; the floor is at ``room_max[1]``).
 
-Optional, for `fwdata.synth.effects`: colour rays through a distorted lens (`fwdata.synth.lens`;
+Optional, for `fwdata.synth.effects`: colour rays through a distorted lens (`fwdata.dataset.lens`;
 depth stays the pinhole ground truth) and `MovingSphere` objects added for one instant (in the
 depth too). Without them the output is what it always was.
 
@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from fwdata.dataset.camera import fov_to_focal, intrinsics_matrix, invert_pose, look_at
-from fwdata.synth.lens import Lens, distort_normalized, undistort_normalized
+from fwdata.dataset.lens import Lens, distort_normalized, undistort_normalized
 
 __all__ = [
     "PATH_KINDS",
@@ -902,7 +902,7 @@ def render_radiance(scene: Scene, K: np.ndarray, w2c: np.ndarray, height: int, w
                     with_depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Render one view before quantisation -> (colour (H,W,3) float32 in [0, 1], depth (H,W) float32).
 
-    ``lens``: colour samples look through the distorted lens (`fwdata.synth.lens`); depth stays the
+    ``lens``: colour samples look through the distorted lens (`fwdata.dataset.lens`); depth stays the
     pinhole z-depth of pixel centres (the ground truth in the contract's PINHOLE camera). ``movers``:
     spheres added to the scene for this instant; they are in the depth too (the true depth of what
     is rendered). ``with_depth=False`` skips the depth rays (sub-frames of a motion blur) and

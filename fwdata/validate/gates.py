@@ -57,6 +57,10 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in [
     MetricInfo("depth_sfm_absrel", "AbsRel of the aligned depth against SfM point depths", "recorded", "metadata"),
     MetricInfo("multiview_consistency", "fraction of overlapping pixels whose depth agrees (5%) after warping "
                                         "between frames with the cameras", "both", "depth"),
+    MetricInfo("focal_uncertainty", "standard deviation of the estimated focal length / focal length (SfM "
+                                    "bundle-adjustment covariance)", "recorded", "metadata"),
+    MetricInfo("focal_spread", "disagreement of independent focal-length hypotheses (fraction); with given "
+                               "intrinsics, how far the video pulls the given focal", "recorded", "metadata"),
     MetricInfo("fov_w_deg", "horizontal field of view, degrees", "both", "camera_json"),
     MetricInfo("fov_h_deg", "vertical field of view, degrees", "both", "camera_json"),
     MetricInfo("path_length", "length of the camera path, dataset unit", "both", "camera_json"),
@@ -101,6 +105,8 @@ def _default_sample_gates() -> dict[str, MetricRange]:
         "registered_ratio": MetricRange(min=0.5),
         "reprojection_error_px": MetricRange(max=4.0),
         "multiview_consistency": MetricRange(min=0.5),
+        "focal_uncertainty": MetricRange(max=0.02),
+        "focal_spread": MetricRange(max=0.03),
         "fov_w_deg": MetricRange(min=10.0, max=170.0),
         "valid_depth_fraction": MetricRange(min=0.01),
         "blur": MetricRange(min=1.0),

@@ -578,8 +578,9 @@ def _compute_metrics(ctx: _Ctx, video_metrics: dict[str, float], depth: Optional
     rec = ctx.rec
     m: dict[str, Optional[float]] = {k: None for k in gates.METRICS}
     recomputed: dict[str, Optional[float]] = {}  # where the comparison with metadata needs another value than m
-    for k in ("reprojection_error_px", "num_points3d", "depth_sfm_absrel"):
-        m[k] = getattr(rec.quality, k)
+    for k, info in gates.METRICS.items():  # the build's SfM statistics: only metadata has them
+        if info.source == "recorded":
+            m[k] = getattr(rec.quality, k)
     m["duration_s"] = rec.num_frames / rec.fps
     cams_ok = cams is not None and cams.num_frames == rec.num_frames
     m.update(video_metrics)

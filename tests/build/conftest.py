@@ -60,13 +60,38 @@ def _once(tmp_path_factory, name: str, make):
     return out
 
 
+def seen_through_lens(values: np.ndarray, valid: np.ndarray, K: np.ndarray, lens) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (T,H,W) on the pinhole grid -> what a camera with `lens` records at each of its pixels
+    (nearest pinhole pixel of the ray; pixels whose ray leaves the pinhole image are invalid)."""
+    from fwdata.dataset.lens import undistort_pixels
+
+    T, H, W = values.shape
+    uu, vv = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    p = undistort_pixels(np.stack([uu, vv], -1), K, lens)
+    col, row = np.floor(p[..., 0]).astype(np.int64), np.floor(p[..., 1]).astype(np.int64)
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    col, row = np.clip(col, 0, W - 1), np.clip(row, 0, H - 1)
+    return values[:, row, col], valid[:, row, col] & inside
+
+
 def write_prior(gt_root: Path, out: Path) -> None:
-    """Per-video depth priors (`<video stem>.npz`, key inverse_depth) from the ground truth, distorted."""
+    """Per-video depth priors (`<video stem>.npz`, key inverse_depth) from the ground truth, distorted.
+
+    A clip rendered through a lens gets its prior on the video's (distorted) pixel grid, as a depth
+    network run on the video would give it.
+    """
+    from fwdata.dataset.contract import read_camera_json
+    from fwdata.dataset.lens import lens_from_dict
+
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     for s in load_metadata(gt_root).samples:
         d = np.load(gt_root / s.paths.depth)
         z, v = d["depth"].astype(np.float64), d["valid"]
+        truth = (s.provenance.options.get("ground_truth", {}) if s.provenance else {}) or {}
+        if "lens" in truth:
+            K = read_camera_json(gt_root / s.paths.camera_json).intrinsics_array()[0]
+            z, v = seen_through_lens(z, v, K, lens_from_dict(truth["lens"]))
         inv = np.where(v, 1.0 / np.where(v, z, 1.0), 0.0)
         noisy = (PRIOR_SCALE * inv + PRIOR_SHIFT) * (1.0 + PRIOR_NOISE * rng.standard_normal(inv.shape))
         np.savez(out / f"{s.id}.npz", inverse_depth=np.where(v, noisy, 0.0).astype(np.float32), valid=v)

@@ -111,7 +111,8 @@ def test_load_clip_takes_the_planned_frames_at_the_clip_size(tmp_path):
     src = _video(tmp_path / "a.mp4", n=40)
     plan = plan_video(tmp_path / "a.mp4", ClipOptions(num_frames=5, height=32, width=48, stride=3, chunk_frames=2))
     clip = plan.clips[1]
-    frames = load_clip(clip, chunk_frames=2)
+    frames, none = load_clip(clip, chunk_frames=2)
+    assert none is None
     assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8
     ids = np.round(frames[:, 2, 2, 0].astype(float) / 5).astype(int)  # top-left block encodes the frame index
     assert ids.tolist() == clip.source_frames
@@ -337,9 +338,17 @@ def test_config_errors_name_the_key(tmp_path):
         load_config("no-such-preset")
     assert overrides_from_options(frames=49, depth_model="random-tiny", workers=None, write_ply=False) == {
         "clips": {"num_frames": 49}, "depth": {"model": "random-tiny"}, "write_ply": False}
-    assert parse_intrinsics("500, 500, 320,240") == (500.0, 500.0, 320.0, 240.0)
-    with pytest.raises(ValueError):
-        parse_intrinsics("500,500")
+    assert parse_intrinsics("500, 500, 320,240") == ((500.0, 500.0, 320.0, 240.0), None)
+    assert parse_intrinsics("500,500,320,240,-0.2") == ((500.0, 500.0, 320.0, 240.0), (-0.2, 0.0, 0.0, 0.0))
+    assert parse_intrinsics("500,500,320,240,-0.2,0.05,0.001,-0.002") == (
+        (500.0, 500.0, 320.0, 240.0), (-0.2, 0.05, 0.001, -0.002))
+    for bad in ("500,500", "500,500,320,240,0.1,0.2,0.3", "500,500,320,240,nan", "0,500,320,240"):
+        with pytest.raises(ValueError, match="expected 'fx,fy,cx,cy'"):
+            parse_intrinsics(bad)
+    assert overrides_from_options(intrinsics=(1.0, 1.0, 0.5, 0.5), distortion=(-0.1, 0.0, 0.0, 0.0)) == {
+        "intrinsics": (1.0, 1.0, 0.5, 0.5), "distortion": (-0.1, 0.0, 0.0, 0.0)}
+    with pytest.raises(ConfigError, match="distortion is given without intrinsics"):
+        load_config(None, {"distortion": [-0.1, 0.0, 0.0, 0.0]})
 
 
 def test_splits_follow_the_source_file():

@@ -1,4 +1,4 @@
-"""Camera effects of the synthetic renderer (fwdata.synth.effects, fwdata.synth.lens): each changes the
+"""Camera effects of the synthetic renderer (fwdata.synth.effects, fwdata.dataset.lens): each changes the
 frames as its model says while depth, points and cameras stay the exact pinhole ground truth."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fwdata.dataset.video import probe, read_frames
 from fwdata.synth import effects as fx
 from fwdata.synth import render as synth
 from fwdata.synth.dataset import SynthOptions, check_options, realistic_options, synthetic_id, write_synthetic_dataset
-from fwdata.synth.lens import Lens, LensError, check_lens, distort_pixels, undistort_pixels
+from fwdata.dataset.lens import Lens, LensError, check_lens, distort_pixels, undistort_pixels
 from fwdata.validate import validate_dataset
 from fwdata.validate.results import ValidateOptions
 

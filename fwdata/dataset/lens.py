@@ -1,4 +1,4 @@
-"""The OpenCV lens model of the synthetic camera: radial (k1, k2) and tangential (p1, p2) distortion.
+"""The OpenCV lens model: radial (k1, k2) and tangential (p1, p2) distortion, and undistortion to a pinhole.
 
 A point with pinhole normalised coordinates ``(x, y) = (X/Z, Y/Z)`` is seen at
 
@@ -7,10 +7,14 @@ A point with pinhole normalised coordinates ``(x, y) = (X/Z, Y/Z)`` is seen at
     yd = y radial + p1 (r2 + 2 y^2) + 2 p2 x y
 
 and at pixel ``K @ (xd, yd, 1)`` (the same K as the pinhole camera; pixel centres at +0.5), exactly
-as ``cv2.projectPoints`` with ``distCoeffs = (k1, k2, p1, p2)``. The renderer casts, for every colour
-sample, the ray through `undistort_normalized` of its distorted position, so frames show what such a
-lens records; depth, point maps and cameras stay on the undistorted pinhole grid (the contract's
-PINHOLE camera). `distort_pixels` / `undistort_pixels` map between the two grids.
+as ``cv2.projectPoints`` with ``distCoeffs = (k1, k2, p1, p2)``. COLMAP's SIMPLE_RADIAL and RADIAL
+cameras are this model with (k1) and (k1, k2). `distort_pixels` / `undistort_pixels` map between the
+distorted grid and the pinhole grid.
+
+Users: the synthetic renderer casts, for every colour sample, the ray through `undistort_normalized`
+of its distorted position (frames show what such a lens records; depth, point maps and cameras stay
+on the pinhole grid); the build estimates a lens with SfM and resamples the clip onto the pinhole
+grid with `Undistortion`, so the written clip is exactly the contract's PINHOLE camera.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["Lens", "distort_normalized", "undistort_normalized", "distort_pixels", "undistort_pixels",
-           "project_distorted", "check_lens", "LensError"]
+           "project_distorted", "check_lens", "LensError",
+           "Undistortion", "pinhole_focal_scale"]
 
 #: Newton iterations of `undistort_normalized` (converges in 4-6 for realistic lenses)
 UNDISTORT_ITERATIONS = 30
@@ -155,3 +160,103 @@ def check_lens(lens: Lens, K: np.ndarray, height: int, width: int) -> None:
 def lens_from_dict(d: dict) -> Lens:
     """Inverse of `Lens.to_dict`."""
     return Lens(**{k: float(v) for k, v in d.items() if k in asdict(Lens())})
+
+
+def pinhole_focal_scale(K: np.ndarray, lens: Lens, height: int, width: int, steps: int = 40) -> float:
+    """The smallest focal scale s >= 1 for which a height x width pinhole image with focal s * f sees
+    only rays the distorted image recorded (no blank border), by bisection on the image border.
+
+    Barrel lenses (k1 < 0) give 1; pincushion lenses zoom in slightly.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    n = 129
+    t = np.linspace(0.0, 1.0, n)
+    border = np.concatenate([np.stack([t * width, np.zeros(n)], 1), np.stack([t * width, np.full(n, height)], 1),
+                             np.stack([np.zeros(n), t * height], 1), np.stack([np.full(n, width), t * height], 1)])
+
+    def inside(s: float) -> bool:
+        Ks = K.copy()
+        Ks[0, 0] *= s
+        Ks[1, 1] *= s
+        x = (border[:, 0] - Ks[0, 2]) / Ks[0, 0]
+        y = (border[:, 1] - Ks[1, 2]) / Ks[1, 1]
+        xd, yd = distort_normalized(x, y, lens)
+        u, v = K[0, 0] * xd + K[0, 2], K[1, 1] * yd + K[1, 2]
+        eps = 1e-9
+        return bool(np.all((u >= -eps) & (u <= width + eps) & (v >= -eps) & (v <= height + eps)))
+
+    if lens.is_identity or inside(1.0):
+        return 1.0
+    lo, hi = 1.0, 2.0
+    if not inside(hi):
+        raise LensError(f"lens k1={lens.k1:g} k2={lens.k2:g}: no pinhole view within 2x the focal fits the image")
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if inside(mid) else (mid, hi)
+    return hi
+
+
+@dataclass(frozen=True)
+class Undistortion:
+    """Resampling of frames seen through `lens` with intrinsics `K_lens` onto a pinhole camera `K`
+    of the same size (pixels; pixel centres at +0.5). `K` has the same principal point and the
+    focal scaled by `pinhole_focal_scale`, so every output pixel has a recorded source.
+
+    Written by hand (not cv2.undistort / COLMAP's undistorter): the output must keep the clip's size
+    (a multiple of 16) and be exactly the pinhole `K`; COLMAP changes the image size, and OpenCV
+    is not a dependency. The resampling itself is scipy's `map_coordinates`.
+    """
+
+    K_lens: np.ndarray
+    lens: Lens
+    K: np.ndarray
+    height: int
+    width: int
+
+    @classmethod
+    def create(cls, K_lens: np.ndarray, lens: Lens, height: int, width: int) -> "Undistortion":
+        K_lens = np.asarray(K_lens, dtype=np.float64)
+        s = pinhole_focal_scale(K_lens, lens, height, width)
+        K = K_lens.copy()
+        K[0, 0] *= s
+        K[1, 1] *= s
+        return cls(K_lens=K_lens, lens=lens, K=K, height=height, width=width)
+
+    def source_coordinates(self) -> np.ndarray:
+        """(2, H, W) array indices (row, col) in the distorted frame sampled by each output pixel."""
+        u = np.arange(self.width) + 0.5
+        v = np.arange(self.height) + 0.5
+        uu, vv = np.meshgrid(u, v)
+        x = (uu - self.K[0, 2]) / self.K[0, 0]
+        y = (vv - self.K[1, 2]) / self.K[1, 1]
+        xd, yd = distort_normalized(x, y, self.lens)
+        col = self.K_lens[0, 0] * xd + self.K_lens[0, 2] - 0.5
+        row = self.K_lens[1, 1] * yd + self.K_lens[1, 2] - 0.5
+        return np.stack([row, col])
+
+    def frames(self, frames: np.ndarray) -> np.ndarray:
+        """Undistorted frames (T,H,W,C) uint8: bilinear, edges clamped to the nearest recorded pixel."""
+        from scipy import ndimage
+
+        coords = self.source_coordinates()
+        out = np.empty_like(frames)
+        for t in range(len(frames)):
+            for c in range(frames.shape[-1]):
+                v = ndimage.map_coordinates(frames[t, ..., c].astype(np.float32), coords, order=1, mode="nearest")
+                out[t, ..., c] = np.clip(np.rint(v), 0, 255).astype(np.uint8)
+        return out
+
+    def maps(self, values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel maps (T,H,W) and their valid masks resampled by nearest neighbour (depth must not be
+        blended across edges); an output pixel is valid when its source pixel is."""
+        coords = np.rint(self.source_coordinates()).astype(np.int64)
+        row = np.clip(coords[0], 0, self.height - 1)
+        col = np.clip(coords[1], 0, self.width - 1)
+        return values[:, row, col], valid[:, row, col]
+
+    def pixels(self, uv: np.ndarray) -> np.ndarray:
+        """Observed pixel coordinates (...,2) in the distorted frame -> the same rays in the pinhole frame."""
+        p = undistort_pixels(uv, self.K_lens, self.lens)
+        x = (p[..., 0] - self.K_lens[0, 2]) / self.K_lens[0, 0]
+        y = (p[..., 1] - self.K_lens[1, 2]) / self.K_lens[1, 1]
+        return np.stack([self.K[0, 0] * x + self.K[0, 2], self.K[1, 1] * y + self.K[1, 2]], axis=-1)
