@@ -40,11 +40,16 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 
 
 def plain_recipe(frames: np.ndarray) -> dict:
-    """The recipe users follow today, on (T,H,W,3) frames -> cameras of the largest model."""
-    import pycolmap
+    """The recipe users follow today, on (T,H,W,3) frames -> cameras of the largest model.
+
+    COLMAP runs in a fresh process that imports nothing but pycolmap: in a process that has loaded
+    PyAV/decord/torch first, COLMAP's PNG reader fails ("libpng error: bad parameters to zlib"), and
+    importing pycolmap first can crash later imports (a shared-library load-order conflict).
+    """
+    import subprocess
+
     from PIL import Image
 
-    pycolmap.logging.minloglevel = 2
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -52,14 +57,29 @@ def plain_recipe(frames: np.ndarray) -> dict:
         images.mkdir()
         for i, f in enumerate(frames):
             Image.fromarray(f).save(images / f"{i:06d}.png")
-        db = tmp / "db.db"
-        pycolmap.extract_features(db, images, camera_mode=pycolmap.CameraMode.SINGLE)
-        pycolmap.match_exhaustive(db)
-        (tmp / "sparse").mkdir()
-        recs = pycolmap.incremental_mapping(db, images, tmp / "sparse")
-    out = {"seconds": time.perf_counter() - t0, "models": len(recs), "registered": 0}
+        r = subprocess.run([sys.executable, __file__, "--plain-child", str(tmp)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"plain recipe failed: {r.stderr[-2000:]}")
+        res = dict(np.load(tmp / "result.npz"))
+    out = {"seconds": time.perf_counter() - t0, "models": int(res["models"]), "registered": int(res["registered"])}
+    if out["registered"]:
+        out.update(frames=res["frames"], w2c=res["w2c"], focal=float(res["focal"]), k1=float(res["k1"]))
+    return out
+
+
+def _plain_child(tmp: Path) -> None:
+    """PNG frames in tmp/images -> tmp/result.npz: SIMPLE_RADIAL, exhaustive matching, incremental mapping."""
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 2
+    images, db = tmp / "images", tmp / "db.db"
+    pycolmap.extract_features(db, images, camera_mode=pycolmap.CameraMode.SINGLE)
+    pycolmap.match_exhaustive(db)
+    (tmp / "sparse").mkdir()
+    recs = pycolmap.incremental_mapping(db, images, tmp / "sparse")
     if not recs:
-        return out
+        np.savez(tmp / "result.npz", models=0, registered=0)
+        return
     rec = max(recs.values(), key=lambda r: r.num_reg_images())
     idx, w2c = [], []
     for im in rec.images.values():
@@ -70,9 +90,8 @@ def plain_recipe(frames: np.ndarray) -> dict:
             w2c.append(m)
     order = np.argsort(idx)
     cam = next(iter(rec.cameras.values()))
-    out.update(registered=len(idx), frames=np.asarray(idx)[order], w2c=np.asarray(w2c)[order],
-               focal=float(cam.params[0]), k1=float(cam.params[3]))
-    return out
+    np.savez(tmp / "result.npz", models=len(recs), registered=len(idx), frames=np.asarray(idx)[order],
+             w2c=np.asarray(w2c)[order], focal=float(cam.params[0]), k1=float(cam.params[3]))
 
 
 def _camera_metrics(w2c: np.ndarray, gt_w2c: np.ndarray) -> dict:
@@ -192,6 +211,9 @@ def real_rows(work: Path) -> list[dict]:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--plain-child":
+        _plain_child(Path(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fwdata-bench-realistic"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
