@@ -191,20 +191,12 @@ def run_naive(video: Path, T: int, model: Path, depth_input: int) -> dict:
            "total": sum(clock.wall[k] for k in stages), "cpu_total": sum(clock.cpu[k] for k in stages),
            "models": len(recs)}
     if recs:
-        rec = max(recs.values(), key=lambda r: r.num_reg_images())
-        idx, w2c = [], []
-        for im in rec.images.values():
-            if im.has_pose:
-                m = np.eye(4)
-                m[:3] = im.cam_from_world().matrix()
-                idx.append(int(Path(im.name).stem))
-                w2c.append(m)
-        order = np.argsort(idx)
-        idx = np.asarray(idx)[order]
+        from bench_realistic import largest_model_cameras  # tests/benchmarks is the script's folder
+
+        idx, w2c, cam = largest_model_cameras(recs)
         res["registered"] = len(idx)
         if len(idx) >= 3:
-            cam = next(iter(rec.cameras.values()))
-            res.update(_metrics(np.asarray(w2c)[order], gt["w2c"][idx], cam.params[0], gt["K"][0, 0]))
+            res.update(_metrics(w2c, gt["w2c"][idx], cam.params[0], gt["K"][0, 0]))
     else:
         res["registered"] = 0
     return res

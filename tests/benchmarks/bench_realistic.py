@@ -80,6 +80,14 @@ def _plain_child(tmp: Path) -> None:
     if not recs:
         np.savez(tmp / "result.npz", models=0, registered=0)
         return
+    frames, w2c, cam = largest_model_cameras(recs)
+    np.savez(tmp / "result.npz", models=len(recs), registered=len(frames), frames=frames, w2c=w2c,
+             focal=float(cam.params[0]), k1=float(cam.params[3]))
+
+
+def largest_model_cameras(recs) -> tuple[np.ndarray, np.ndarray, object]:
+    """(frame indices (N,) sorted, w2c (N,4,4), camera) of the largest pycolmap model; images are named
+    by frame index."""
     rec = max(recs.values(), key=lambda r: r.num_reg_images())
     idx, w2c = [], []
     for im in rec.images.values():
@@ -89,9 +97,7 @@ def _plain_child(tmp: Path) -> None:
             idx.append(int(Path(im.name).stem))
             w2c.append(m)
     order = np.argsort(idx)
-    cam = next(iter(rec.cameras.values()))
-    np.savez(tmp / "result.npz", models=len(recs), registered=len(idx), frames=np.asarray(idx)[order],
-             w2c=np.asarray(w2c)[order], focal=float(cam.params[0]), k1=float(cam.params[3]))
+    return np.asarray(idx)[order], np.asarray(w2c)[order], next(iter(rec.cameras.values()))
 
 
 def _camera_metrics(w2c: np.ndarray, gt_w2c: np.ndarray) -> dict:
