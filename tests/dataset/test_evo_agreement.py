@@ -1,7 +1,7 @@
 """Our trajectory metrics agree with evo (the field's trajectory-evaluation package) on real data.
 
 ``fwdata.dataset.camera.trajectory_metrics`` is compared with evo on the TUM RGB-D reference
-trajectories in ``shared/data/real`` and estimates made from them by a known similarity
+trajectories of ``shared/data/real`` (copied to tests/data) and estimates made from them by a known similarity
 transform plus seeded noise (and a drifting estimate). What is compared, like with like:
 
 - ``ate``: evo ``APE(translation_part)`` RMSE after ``align(..., correct_scale=True)`` (Umeyama
@@ -33,8 +33,8 @@ from evo.core import metrics as evo_metrics  # a dev dependency: a missing evo f
 from evo.core import trajectory as evo_trajectory
 from evo.core.metrics import PoseRelation, StatisticsType, Unit  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "real"
+#: the TUM reference trajectories of ../shared/data/real, copied into the repository (tests/data/README.md)
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "tum_reference_c2w.npz"
 CLIPS = ["tum_fr3_cabinet_ref.npz", "tum_fr1_rpy_ref.npz"]
 
 # Both sides do the same float64 maths in a different order: measured differences are ~1e-15
@@ -43,11 +43,8 @@ REL = 1e-9
 
 
 def load_gt_c2w(name: str) -> np.ndarray:
-    path = DATA_DIR / name
-    if not path.is_file():
-        pytest.skip(f"reference trajectory {path} is missing (shared/data/real is not checked out)")
-    with np.load(path) as data:
-        return np.asarray(data["c2w"], dtype=np.float64)
+    with np.load(REFERENCE) as data:
+        return np.asarray(data[name.removesuffix(".npz")], dtype=np.float64)
 
 
 def similarity_estimate(gt_c2w: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
