@@ -982,9 +982,11 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
         estimate_lens = refine and opts.estimates_lens
         adjuster = _final_adjustment(clip, rec, refine_focal=refine, refine_lens=estimate_lens,
                                      iterations=FINAL_BA_ITERATIONS)
-        focal_unc, k1_unc = _covariance(clip, rec, adjuster) if refine else (None, None)
-        if refine and focal_unc is None:  # the covariance solver gave up (e.g. distant points of a pan)
-            focal_unc = _profile_uncertainty(clip, rec, estimate_lens)
+        # The focal's std from the profile of the cost (deterministic). COLMAP's covariance
+        # (`_covariance`) is not used: whether its solver succeeds differs between runs of the same
+        # clip in different processes, and the recorded bytes must not.
+        focal_unc = _profile_uncertainty(clip, rec, estimate_lens) if refine else None
+        k1_unc = None
         if estimate_lens and not _lens_significant(rec, k1_unc):
             # no measurable distortion: the lens stays a pinhole (no resampling of the frames)
             _zero_lens(rec)
@@ -1030,8 +1032,8 @@ def dense_pairs(T: int, keyframes: list[int], max_pairs: int) -> list[tuple[int,
 
 
 def _lens_significant(rec, k1_unc: Optional[float]) -> bool:
-    """Distortion counts when k1 is more than 3 standard deviations and 0.005 away from 0 (a radial
-    term that changes the image corners by well under a pixel is noise)."""
+    """Distortion counts when |k1| is above 0.005 (and 3 standard deviations, when one is known): a
+    radial term that changes the image corners by well under a pixel is noise."""
     cam = next(iter(rec.cameras.values()))
     extra = _camera_extra(cam)
     if not extra:
