@@ -52,6 +52,8 @@ FOCAL_SETTLED = 0.03
 #: length has to travel), and of all frames at the end (where it only settles)
 BA_ITERATIONS = (30, 10)
 FINAL_BA_ITERATIONS = (10, 5)
+#: an estimated |k1| at or below this is no distortion (the clip is not resampled)
+LENS_MIN_K1 = 0.005
 
 
 class SfmOptions(BaseModel):
@@ -88,8 +90,8 @@ class SfmOptions(BaseModel):
                                                        "(the wrong-basin check; 1 = no check)")
     max_focal_spread: float = Field(0.03, gt=0, description="a clip whose plausible focal hypotheses differ by more "
                                                             "than this fraction is refused as ambiguous")
-    max_focal_uncertainty: float = Field(0.02, gt=0, description="a clip whose focal standard deviation (bundle "
-                                                                 "adjustment covariance) exceeds this fraction is "
+    max_focal_uncertainty: float = Field(0.02, gt=0, description="a clip whose focal standard deviation (profile of "
+                                                                 "the reprojection cost) exceeds this fraction is "
                                                                  "refused as weakly determined")
     hypothesis_tolerance: float = Field(0.10, ge=0, description="a hypothesis is plausible when its reprojection "
                                                                 "error is within this fraction of the best one's")
@@ -150,12 +152,11 @@ class SfmResult:
     observed pixel (pixel centres at +0.5); keyframes: frame indices mapped first; mapped (T,)
     bool: frames in the mapper's model before the registration pass.
 
-    focal_uncertainty: standard deviation of the focal length / focal length, from the final bundle
-    adjustment's covariance scaled by the reprojection noise (None when it could not be computed);
+    focal_uncertainty: standard deviation of the focal length / focal length, from the profile of the
+    reprojection cost (`_profile_uncertainty`; None with known intrinsics);
     focal_hypotheses: the settled focal length (px) of each independent start that mapped every
     keyframe in one model with a plausible reprojection error; focal_spread: (max - min) / median
-    of them (with known intrinsics: how far a free adjustment moves the given focal, as a fraction);
-    k1_uncertainty: standard deviation of the estimated k1 (None without a lens estimate).
+    of them (with known intrinsics: how far a free adjustment moves the given focal, as a fraction).
     """
 
     w2c: np.ndarray
@@ -173,7 +174,6 @@ class SfmResult:
     focal_uncertainty: Optional[float] = None
     focal_spread: Optional[float] = None
     focal_hypotheses: list[float] = field(default_factory=list)
-    k1_uncertainty: Optional[float] = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -563,35 +563,40 @@ def _observation_errors(rec) -> np.ndarray:
     return np.asarray(errs, dtype=np.float64) if errs else np.zeros(0)
 
 
-def _final_adjustment(clip: _Clip, rec, refine_focal: bool, refine_lens: bool = False,
-                      iterations: tuple[int, int] = BA_ITERATIONS):
-    """Global BA of all frames: focal (and lens distortion) free if asked, robust loss at the clip's
-    noise level, outliers dropped. Returns the last round's bundle adjuster (for the covariance)."""
+def _solve_bundle(clip: _Clip, rec, refine_focal: bool, refine_lens: bool, iterations: int,
+                  function_tolerance: float, cauchy_scale: Optional[float] = None) -> None:
+    """One bundle adjustment of every registered frame (gauge: two cameras), principal point fixed;
+    a Cauchy loss at `cauchy_scale` px, or a plain squared loss when None."""
     pc = clip.pc
+    _quiet(clip.opts)
+    bao = pc.BundleAdjustmentOptions()
+    bao.print_summary = False
+    bao.refine_focal_length = refine_focal
+    bao.refine_principal_point = False
+    bao.refine_extra_params = refine_lens
+    if cauchy_scale is not None:
+        bao.ceres.loss_function_type = pc.LossFunctionType.CAUCHY
+        bao.ceres.loss_function_scale = cauchy_scale
+    bao.ceres.solver_options.num_threads = _threads(clip.opts)
+    bao.ceres.solver_options.max_num_iterations = iterations
+    bao.ceres.solver_options.function_tolerance = function_tolerance
+    config = pc.BundleAdjustmentConfig()
+    for image_id in rec.reg_image_ids():
+        config.add_image(image_id)
+    config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    pc.create_default_ceres_bundle_adjuster(bao, config, rec).solve()  # (pc.bundle_adjustment resets the log level)
+
+
+def _final_adjustment(clip: _Clip, rec, refine_focal: bool, refine_lens: bool = False,
+                      iterations: tuple[int, int] = BA_ITERATIONS) -> None:
+    """Global BA of all frames: focal (and lens distortion) free if asked, robust loss at the clip's
+    noise level, outliers dropped; twice."""
     opts = clip.opts
-    _quiet(opts)
-    adjuster = None
     for round_ in range(2):
         errs = _observation_errors(rec)
         scale = opts.robust_loss_px or float(np.clip(1.5 * np.median(errs) if len(errs) else 1.0, 0.1, 2.0))
-        bao = pc.BundleAdjustmentOptions()
-        bao.print_summary = False
-        bao.refine_focal_length = refine_focal
-        bao.refine_principal_point = False
-        bao.refine_extra_params = refine_lens
-        bao.ceres.loss_function_type = pc.LossFunctionType.CAUCHY
-        bao.ceres.loss_function_scale = scale
-        bao.ceres.solver_options.num_threads = _threads(opts)
-        bao.ceres.solver_options.max_num_iterations = iterations[round_]
-        bao.ceres.solver_options.function_tolerance = 1e-6
-        config = pc.BundleAdjustmentConfig()
-        for image_id in rec.reg_image_ids():
-            config.add_image(image_id)
-        config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
-        adjuster = pc.create_default_ceres_bundle_adjuster(bao, config, rec)
-        adjuster.solve()  # (pc.bundle_adjustment resets the log level)
-        pc.ObservationManager(rec).filter_all_points3D(_outlier_threshold(rec, opts), 1.0)
-    return adjuster
+        _solve_bundle(clip, rec, refine_focal, refine_lens, iterations[round_], 1e-6, cauchy_scale=scale)
+        clip.pc.ObservationManager(rec).filter_all_points3D(_outlier_threshold(rec, opts), 1.0)
 
 
 def _outlier_threshold(rec, opts: SfmOptions) -> float:
@@ -798,43 +803,8 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool) -> _Solution:
                      starts=starts_complete)
 
 
-def _covariance(clip: _Clip, rec, adjuster) -> tuple[Optional[float], Optional[float]]:
-    """(focal std / focal, k1 std) of the last adjustment, from COLMAP's bundle-adjustment covariance
-    scaled by the reprojection noise (the covariance assumes 1 px residuals); None where unavailable."""
-    pc = clip.pc
-    try:
-        co = pc.BACovarianceOptions()
-        co.params = pc.BACovarianceOptionsParams.ALL
-        cov = pc.estimate_ba_covariance(co, rec, adjuster)
-        if cov is None:
-            return None, None
-        cam = next(iter(rec.cameras.values()))
-        c = cov.get_other_params_cov(cam.params)
-    except Exception:
-        return None, None
-    if c is None:
-        return None, None
-    c = np.asarray(c, dtype=np.float64)
-    errs = _observation_errors(rec)
-    sigma = float(np.sqrt(np.mean(errs ** 2))) if len(errs) else 1.0
-    f = _camera_focal(cam)
-    # rows/columns of constant parameters (the principal point; the lens when not refined) are omitted
-    variable = sorted(list(cam.focal_length_idxs()) + list(cam.extra_params_idxs()))
-    if c.shape[0] != len(variable):
-        variable = sorted(cam.focal_length_idxs())
-    if c.shape[0] != len(variable):
-        return None, None
-    row = {p: n for n, p in enumerate(variable)}
-    var_f = float(np.mean([c[row[i], row[i]] for i in cam.focal_length_idxs()]))
-    focal_unc = _stat(np.sqrt(max(var_f, 0.0)) * sigma / f)
-    extra = list(cam.extra_params_idxs())
-    k1_unc = _stat(np.sqrt(max(c[row[extra[0]], row[extra[0]]], 0.0)) * sigma) if extra and extra[0] in row else None
-    return focal_unc, k1_unc
-
-
 def _stat(x: float) -> float:
-    """A statistic to 3 significant digits: the covariance's sparse solver differs in the last bits
-    from process to process, and a recorded number must not (the same inputs give the same bytes)."""
+    """A recorded statistic to 3 significant digits (it is an estimate; more digits say nothing)."""
     return float(f"{float(x):.3g}")
 
 
@@ -858,28 +828,13 @@ def _squared_residuals(rec) -> tuple[float, int]:
 def _adjust(clip: _Clip, rec, refine_focal: bool, refine_lens: bool, iterations: int = 30) -> None:
     """One bundle adjustment of all frames with a plain squared loss and no outlier filtering (the
     observations stay the same, so costs before and after compare)."""
-    pc = clip.pc
-    _quiet(clip.opts)
-    bao = pc.BundleAdjustmentOptions()
-    bao.print_summary = False
-    bao.refine_focal_length = refine_focal
-    bao.refine_principal_point = False
-    bao.refine_extra_params = refine_lens
-    bao.ceres.solver_options.num_threads = _threads(clip.opts)
-    bao.ceres.solver_options.max_num_iterations = iterations
-    bao.ceres.solver_options.function_tolerance = 1e-8
-    config = pc.BundleAdjustmentConfig()
-    for image_id in rec.reg_image_ids():
-        config.add_image(image_id)
-    config.fix_gauge(pc.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
-    pc.create_default_ceres_bundle_adjuster(bao, config, rec).solve()
+    _solve_bundle(clip, rec, refine_focal, refine_lens, iterations, 1e-8)
 
 
 def _profile_uncertainty(clip: _Clip, rec, refine_lens: bool, delta: float = 0.02) -> Optional[float]:
     """Focal std / focal from the profile of the reprojection cost: with the focal held at f (1 +- delta)
     and everything else (the lens too) re-adjusted, sigma_f = delta f / sqrt(delta chi^2), chi^2 =
-    cost / per-coordinate noise variance, on the same observations. The fallback when COLMAP's
-    covariance cannot be computed."""
+    cost / per-coordinate noise variance, on the same observations."""
     base_rec = clip.pc.Reconstruction(rec)
     _adjust(clip, base_rec, refine_focal=True, refine_lens=refine_lens)  # the same loss as the profile
     base, n = _squared_residuals(base_rec)
@@ -980,18 +935,16 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
         clip.timings["registration"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         estimate_lens = refine and opts.estimates_lens
-        adjuster = _final_adjustment(clip, rec, refine_focal=refine, refine_lens=estimate_lens,
-                                     iterations=FINAL_BA_ITERATIONS)
+        _final_adjustment(clip, rec, refine_focal=refine, refine_lens=estimate_lens, iterations=FINAL_BA_ITERATIONS)
         # The focal's std from the profile of the cost (deterministic). COLMAP's covariance
-        # (`_covariance`) is not used: whether its solver succeeds differs between runs of the same
-        # clip in different processes, and the recorded bytes must not.
+        # (pycolmap.estimate_ba_covariance) is not used: whether its solver succeeds differed between
+        # runs of the same clip in different processes, and the recorded bytes must not.
         focal_unc = _profile_uncertainty(clip, rec, estimate_lens) if refine else None
-        k1_unc = None
-        if estimate_lens and not _lens_significant(rec, k1_unc):
+        if estimate_lens and not _lens_significant(rec):
             # no measurable distortion: the lens stays a pinhole (no resampling of the frames)
             _zero_lens(rec)
             _final_adjustment(clip, rec, refine_focal=True, refine_lens=False, iterations=FINAL_BA_ITERATIONS)
-            clip.notes.append(f"sfm: lens distortion not significant (k1 std {k1_unc}); pinhole kept")
+            clip.notes.append(f"sfm: lens distortion not significant (|k1| <= {LENS_MIN_K1}); pinhole kept")
         clip.timings["adjustment"] = clip.timings.get("adjustment", 0.0) + time.perf_counter() - t0
         spread = solution.spread
         if known:
@@ -1001,7 +954,6 @@ def run_sfm(frames: np.ndarray, opts: SfmOptions, workdir: Optional[Path] = None
             f"{a.reproj:.3f} px)" for a in solution.attempts))
         result = _result(clip, rec, keyframes, mapped, num_models)
         result.focal_uncertainty = focal_unc
-        result.k1_uncertainty = k1_unc if not result.lens.is_identity else None
         result.focal_hypotheses = [float(f) for f in solution.hypotheses]
         result.focal_spread = _stat(spread) if spread is not None else None
         if refine and focal_unc is not None and focal_unc > opts.max_focal_uncertainty:
@@ -1031,15 +983,11 @@ def dense_pairs(T: int, keyframes: list[int], max_pairs: int) -> list[tuple[int,
     return sorted(pairs) if len(pairs) <= max_pairs else []
 
 
-def _lens_significant(rec, k1_unc: Optional[float]) -> bool:
-    """Distortion counts when |k1| is above 0.005 (and 3 standard deviations, when one is known): a
-    radial term that changes the image corners by well under a pixel is noise."""
-    cam = next(iter(rec.cameras.values()))
-    extra = _camera_extra(cam)
-    if not extra:
-        return False
-    k1 = abs(extra[0])
-    return k1 > 0.005 and (k1_unc is None or k1 > 3.0 * k1_unc)
+def _lens_significant(rec) -> bool:
+    """Distortion counts when |k1| is above LENS_MIN_K1: a radial term that changes the image corners
+    by well under a pixel is noise."""
+    extra = _camera_extra(next(iter(rec.cameras.values())))
+    return bool(extra) and abs(extra[0]) > LENS_MIN_K1
 
 
 def _zero_lens(rec) -> None:

@@ -696,7 +696,7 @@ class QualityMetrics(BaseModel):
     )
     focal_uncertainty: Optional[float] = Field(
         None, ge=0, description="standard deviation of the estimated focal length / focal length (bundle-adjustment "
-                                "covariance); None with known intrinsics")
+                                "cost profile); None with known intrinsics")
     focal_spread: Optional[float] = Field(
         None, ge=0, description="(max - min) / median of the focal lengths independent SfM starts settle at; with "
                                 "known intrinsics, how far a free adjustment moves the given focal (fraction)")

@@ -58,7 +58,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in [
     MetricInfo("multiview_consistency", "fraction of overlapping pixels whose depth agrees (5%) after warping "
                                         "between frames with the cameras", "both", "depth"),
     MetricInfo("focal_uncertainty", "standard deviation of the estimated focal length / focal length (SfM "
-                                    "bundle-adjustment covariance)", "recorded", "metadata"),
+                                    "reprojection-cost profile)", "recorded", "metadata"),
     MetricInfo("focal_spread", "disagreement of independent focal-length hypotheses (fraction); with given "
                                "intrinsics, how far the video pulls the given focal", "recorded", "metadata"),
     MetricInfo("fov_w_deg", "horizontal field of view, degrees", "both", "camera_json"),
