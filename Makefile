@@ -38,6 +38,15 @@ sysdeps:
 	else \
 		echo "open3d needs the system library libusb-1.0-0: run 'sudo apt-get install -y libusb-1.0-0' and re-run make" >&2; exit 1; \
 	fi
+	@# optional: headless chromium for the browser test of `fwdata report` (skipped without it); never fails make
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (optional: the browser test of fwdata report)"; \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+			|| echo "chromium could not be installed; the browser test of fwdata report will be skipped" >&2; \
+	else \
+		echo "optional: 'sudo apt-get install -y chromium' lets the tests check fwdata report's page in a browser" >&2; \
+	fi
 
 # the resolved versions of the packages whose behaviour the dataset bytes depend on (CI prints them first)
 versions: $(STAMP)

@@ -7,10 +7,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from fwdata.cli_common import EXIT_USAGE, fail, version_callback
+from fwdata.cli_common import fail, reflow_help, version_callback
 from fwdata.dataset.contract import ContractError, export_schemas, json_schemas, load_metadata
+from fwdata.textout import plural
 
 app = typer.Typer(
     name="fwdata",
@@ -101,6 +101,7 @@ def synth(
     Camera effects (--preset realistic, or one by one) change the videos only: depth, points and
     cameras stay the exact pinhole ground truth, and each record says what was applied.
     """
+    from fwdata.dataset.store import check_output_folder
     from fwdata.synth.dataset import SynthOptions, check_options, write_synthetic_dataset
     from fwdata.synth.effects import Effects
     from fwdata.synth.effects import preset as effects_preset
@@ -126,7 +127,8 @@ def synth(
                         seed=seed, path_kinds=path_list, write_ply=not no_ply, effects=effects)
     try:
         check_options(opts)
-    except ValueError as e:
+        check_output_folder(out)  # before any rendering: OUT an existing file is one line, exit 2
+    except (ValueError, OSError) as e:
         fail(str(e))
     from rich.progress import Progress
 
@@ -143,51 +145,40 @@ def synth(
 @app.command()
 def info(
     dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the per-sample table as JSON lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the samples as JSON Lines: one JSON object per "
+                                                       "sample per line, nothing else."),
+    wide: bool = typer.Option(False, "--wide", help="Whole sample ids and every column, however wide (default: fit "
+                                                    "the terminal, ids shortened to unique prefixes)."),
 ) -> None:
-    """Show a dataset's structure: folders, samples with their size and quality, failures, splits."""
+    """Show a dataset's structure: folders, samples with their size and quality, failures, splits.
+
+    Fits the terminal (80 columns is enough): ids are shortened to unique prefixes, which --sample
+    accepts; --wide shows them whole.
+    """
     from fwdata.dataset.contract import METADATA_FILE
     from fwdata.dataset.layout import MARKER_DIR
 
     if not (dataset / METADATA_FILE).exists() and (dataset / MARKER_DIR).is_dir():
         done = sum(1 for _ in (dataset / MARKER_DIR).glob("*.json"))
-        fail(f"{dataset} is an unfinished build ({done} clips finished, no {METADATA_FILE} yet): run the same "
+        fail(f"{dataset} is an unfinished build ({plural(done, 'clip')} finished, no {METADATA_FILE} yet): run the same "
              f"`fwdata build ... --out {dataset}` command again to finish it")
     try:
         meta = load_metadata(dataset)
     except ContractError as e:
         fail(str(e))
-    df = meta.to_frame()
     if as_json:
-        typer.echo(df.to_json(orient="records", lines=True))
+        from fwdata.info import json_lines
+
+        typer.echo(json_lines(meta), nl=False)
         return
-    print_dataset_summary(dataset, meta)
+    print_dataset_summary(dataset, meta, wide=wide)
 
 
-def print_dataset_summary(dataset: Path, meta) -> None:
-    from fwdata.dataset.layout import dataset_dirs
+def print_dataset_summary(dataset: Path, meta, wide: bool = False) -> None:
+    """The human summary of `fwdata info` (fwdata.info.print_summary), fitted to the terminal unless `wide`."""
+    from fwdata.info import print_summary
 
-    df = meta.to_frame()
-    folders = ", ".join(f"{d.name}/ ({sum(1 for _ in d.iterdir()) if d.is_dir() else 0} files)"
-                        for d in dataset_dirs(dataset))
-    console.print(f"[bold]{dataset}[/]  schema {meta.schema_version}  made by {meta.provenance.tool} "
-                  f"{meta.provenance.tool_version} ({meta.provenance.command})")
-    console.print(folders)
-    table = Table(show_lines=False)
-    cols = ["id", "split", "status", "T", "H", "W", "fps", "scale"]
-    quality = [c for c in ("registered_ratio", "depth_sfm_absrel", "multiview_consistency", "path_length")
-               if c in df and df[c].notna().any()]
-    for c in cols + quality:
-        table.add_column(c)
-    for _, row in df.iterrows():
-        table.add_row(*[f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols + quality])
-    console.print(table)
-    st = meta.statistics
-    console.print(f"{st.num_samples} samples ({st.num_ok} ok, {st.num_gated_out} gated out), "
-                  f"{st.total_frames} frames, {st.duration_s:.1f} s of video; {st.num_failed_inputs} failed inputs; "
-                  f"splits: " + ", ".join(f"{k}={len(v)}" for k, v in meta.splits.items()))
-    for f in meta.failures:
-        console.print(f"  failed: {f.source} [{f.stage}] {f.reason}", highlight=False)
+    print_summary(dataset, meta, console, wide=wide)
 
 
 # --------------------------------------------------------------------------- validate
@@ -198,15 +189,24 @@ def validate(
     # paths as text, checked by validate itself: a NUL byte or an over-long path is a one-line error
     dataset: str = typer.Argument(..., metavar="DATASET", help="Dataset folder (holds metadata.json)."),
     gates: Optional[str] = typer.Option(None, "--gates", "-g", metavar="<path>",
-                                        help="Gate TOML file, e.g. pipelines/gates/strict.toml "
-                                             "(default: built-in = pipelines/gates/default.toml)."),
+                                        help="Gates: a TOML file or a packaged name, e.g. strict "
+                                             "(default: the built-in gates = default; `fwdata presets` lists them)."),
     fmt: str = typer.Option("table", "--format", "-f", help="Report format: table, json or junit."),
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="<path>",
-                                         help="Write the report here instead of stdout."),
+                                         help="Write the report (in --format) here instead of stdout; stdout "
+                                              "then gets one summary line."),
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Processes checking samples in parallel "
                                                                   "(0: in this process, no crash isolation)."),
-    sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Check only this sample id (repeatable)."),
+    sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Check only this sample: its id or a unique "
+                                                                          "prefix, e.g. as `fwdata info` prints it "
+                                                                          "(repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary line."),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init",
+                                           help="Accept data made by randomly initialised models (random-tiny): "
+                                                "a warning instead of a failed gate. For tests and demos only."),
+    html: Optional[str] = typer.Option(None, "--html", metavar="<dir>",
+                                       help="Also write the picture report of `fwdata report` (index.html, contact "
+                                            "sheets) into this folder."),
 ) -> None:
     """Check a dataset: schema, file integrity, cross-consistency and quality gates. Never modifies it.
 
@@ -218,13 +218,14 @@ def validate(
     if fmt not in {f.value for f in ReportFormat}:
         fail(f"--format {fmt!r}: choose table, json or junit")
     try:
-        for what, path in (("dataset folder", dataset), ("gate file", gates), ("--output", output)):
+        for what, path in (("dataset folder", dataset), ("gate file", gates), ("--output", output), ("--html", html)):
             if path is not None:
                 check_path_option(what, path)
         code = validate_and_report(ValidateOptions(dataset=Path(dataset), gates=Path(gates) if gates else None,
-                                                   workers=workers, samples=sample or []),
+                                                   workers=workers, samples=sample or [],
+                                                   allow_random_init=allow_random_init),
                                    ReportFormat(fmt), output=Path(output) if output else None, quiet=quiet,
-                                   console=console)
+                                   console=console, html=Path(html) if html else None)
     except UsageError as e:
         fail(str(e))
     raise typer.Exit(code)
@@ -239,7 +240,10 @@ def compare(
     truth: Path = typer.Option(..., "--truth", "-t", help="Ground-truth dataset of the same videos, e.g. from "
                                                           "`fwdata synth`."),
     fmt: str = typer.Option("table", "--format", "-f", help="Output format: table, json (records) or csv."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result here instead of stdout "
+                                                                       "(the table in its --wide form)."),
+    wide: bool = typer.Option(False, "--wide", help="Table: whole ids and every column in one table, however wide "
+                                                    "(default: fit the terminal, ids shortened to unique prefixes)."),
 ) -> None:
     """Measure a built dataset against ground truth: trajectory error, focal error, depth and point-map error.
 
@@ -247,9 +251,12 @@ def compare(
     ("Accuracy"). Percent columns are percentages. Never modifies either dataset. Exit codes: 0
     compared, 2 unreadable dataset or no sample in common.
     """
-    import pandas as pd
+    import io
+
+    from rich.console import Console
 
     from fwdata.cli_common import err_console
+    from fwdata.compare_text import print_compare
     from fwdata.compare import CompareError, compare_datasets
 
     if fmt not in ("table", "json", "csv"):
@@ -262,16 +269,102 @@ def compare(
         text = df.to_json(orient="records", indent=1)
     elif fmt == "csv":
         text = df.to_csv(index=False)
-    else:  # pandas' own layout: never squeezed to the terminal width, easy to paste into notes
-        numeric = df.drop(columns=["sample", "truth", "note"]).apply(pd.to_numeric, errors="coerce")
-        text = df.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}") + "\nmean: " + ", ".join(
-            f"{c} {numeric[c].mean():.3g}" for c in numeric.columns if numeric[c].notna().any())
-    if output is not None:
-        output.write_text(text + "\n")
+    elif output is not None:  # a file is not a terminal: every column, whole ids
+        buf = io.StringIO()
+        print_compare(df, Console(file=buf, color_system=None, width=80), wide=True)
+        text = buf.getvalue().rstrip("\n")
     else:
+        text = None
+        print_compare(df, console, wide=wide)
+    if text is not None and output is not None:
+        output.write_text(text + "\n")
+    elif text is not None:
         typer.echo(text)
     for sid in unmatched:
         err_console.print(f"no truth sample for {sid} (matched by source video name)", highlight=False)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", "-t", help="Ground-truth dataset of the same videos: adds "
+                                                                     "`fwdata compare` and the aligned truth path."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder to write index.html and samples/*.png to."),
+    sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Only this sample: its id or a unique prefix, "
+                                                                          "e.g. as `fwdata info` prints it "
+                                                                          "(repeatable)."),
+    gates: Optional[Path] = typer.Option(None, "--gates", "-g", help="Gate TOML file for the validation section."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Write a dataset report: one offline HTML page and a PNG contact sheet per sample (docs/REPORT.md).
+
+    Never modifies the dataset. Exit codes: 0 written (whatever it shows), 2 not a dataset, --out is a file.
+    """
+    from rich.progress import Progress
+
+    from fwdata.cli_common import err_console
+    from fwdata.report import ReportError, ReportOptions, write_report
+
+    opts = ReportOptions(dataset=dataset, out=out, truth=truth, samples=sample or [], gates=gates)
+    try:
+        with Progress(console=err_console, disable=quiet, transient=True) as progress:
+            task = progress.add_task("validating, comparing, drawing", total=None)
+            res = write_report(opts, progress=lambda sid: progress.advance(task))
+    except ReportError as e:
+        fail(str(e))
+    if not quiet:
+        console.print(f"wrote {res.index} ({plural(len(res.sheets), 'contact sheet')})", highlight=False,
+                      soft_wrap=True)  # a path stays whole (copyable)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="colmap, nerfstudio or diffsynth."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write to (outside the dataset)."),
+    sample: Optional[List[str]] = typer.Option(None, "--sample", "-s", help="Only this sample, whatever its status: "
+                                                                            "its id or a unique prefix, e.g. as "
+                                                                            "`fwdata info` prints it (repeatable; "
+                                                                            "default: every ok sample)."),
+    image_format: str = typer.Option("png", "--image-format", help="colmap, nerfstudio: frames as png or jpg."),
+    max_points: int = typer.Option(100_000, "--max-points", help="colmap, nerfstudio: most points of the sparse "
+                                                                 "cloud from the depth maps (0: none)."),
+    text: bool = typer.Option(False, "--text", help="colmap: write the model as .txt instead of .bin."),
+    prompt: str = typer.Option("", "--prompt", help="diffsynth: prompt of every sample without a caption."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="diffsynth: JSON {sample id: caption}."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Export a dataset as COLMAP models, nerfstudio transforms.json or a DiffSynth metadata.csv (docs/EXPORT.md).
+
+    Never modifies the dataset; the same dataset gives the same files. Exit codes: 0 written, 1 a
+    sample's files could not be read, 2 bad options, not a dataset, unknown --sample, --out a file.
+    """
+    from fwdata.dataset.video import VideoError
+    from fwdata.export import ExportError, export_dataset
+
+    def progress(sample_id: str, n: int, total: int) -> None:
+        if not quiet:
+            typer.echo(f"  [{n}/{total}] {sample_id}")
+
+    try:
+        res = export_dataset(dataset, fmt, out, samples=sample, image_format=image_format, max_points=max_points,
+                             text=text, prompt=prompt, captions=captions, progress=progress)
+    except ExportError as e:
+        fail(str(e))
+    except (ContractError, VideoError, OSError) as e:
+        fail(str(e), code=1)
+    if not quiet:
+        what = res.written[0] if fmt == "diffsynth" else res.out
+        n, gated = len(res.samples), len(res.skipped_gated_out)
+        console.print(f"exported {plural(n, 'sample')} as {fmt} to {what}"
+                      + (f" ({plural(gated, 'gated-out sample')} left out; name them with --sample)"
+                         if gated else ""), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- build
@@ -281,8 +374,9 @@ def compare(
 def build(
     videos: List[Path] = typer.Argument(..., help="Video files or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (created; finished clips are kept)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build preset: a TOML file or a name in "
-                                                                      "pipelines/build/ (default: default)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build preset: a TOML file or a packaged name, "
+                                                                      "e.g. fast (default: default; `fwdata presets` "
+                                                                      "lists them)."),
     depth_model: Optional[str] = typer.Option(None, help="Depth model: hub id, local dir, or 'random-tiny'."),
     depth_prior: Optional[Path] = typer.Option(None, help="Import depth from this folder instead (see docs/BUILD.md)."),
     intrinsics: Optional[str] = typer.Option(None, help="Known intrinsics 'fx,fy,cx,cy' in source-video pixels, "
@@ -329,44 +423,99 @@ def build(
     raise typer.Exit(run_build_command(videos, out, config, overrides, force, quiet, console, err_console))
 
 
+#: `fwdata build` options whose default comes from the preset -> their key in the preset TOML
+_BUILD_PRESET_KEYS = {
+    "depth_model": "depth.model", "frames": "clips.num_frames", "height": "clips.height", "width": "clips.width",
+    "stride": "clips.stride", "fps": "clips.fps", "max_clips": "clips.max_clips_per_video", "mapper": "sfm.mapper",
+    "loop_detection": "sfm.loop_detection", "workers": "workers", "threads": "threads", "device": "depth.device",
+}
+
+
+def _show_preset_defaults(command, keys: dict[str, str]) -> None:
+    """`--help` shows, for each option left to the preset (default None), what the default preset gives it."""
+    import inspect
+    import tomllib
+
+    from fwdata.presets import BUILD_PRESETS
+
+    preset = tomllib.loads((BUILD_PRESETS.directory / "default.toml").read_text())
+    for name, param in inspect.signature(command).parameters.items():
+        if name not in keys:
+            continue
+        value = preset
+        for part in keys[name].split("."):
+            value = value[part]
+        if isinstance(value, bool):
+            value = param.default.param_decls[0].split("/")[0 if value else 1].lstrip("-")
+        param.default.show_default = f"{value} in the default preset"
+
+
+_show_preset_defaults(build, _BUILD_PRESET_KEYS)
+
+
 # --------------------------------------------------------------------------- doctor
 
 
 @app.command()
 def doctor(
-    videos: Optional[List[Path]] = typer.Argument(None, help="Input videos or folders, to estimate the disk needed."),
+    videos: Optional[List[Path]] = typer.Argument(None, help="Input videos or folders, to estimate the clips and the "
+                                                             "disk the build needs."),
     out: Path = typer.Option(Path("dataset"), "--out", help="Where the dataset will be written."),
-    depth_model: str = typer.Option("depth-anything/Depth-Anything-V2-Small-hf", help="Hub id or local directory."),
-    frames: int = typer.Option(81, help="Frames per clip (for the disk estimate)."),
-    height: int = typer.Option(336, help="Clip height (for the disk estimate)."),
-    width: int = typer.Option(592, help="Clip width (for the disk estimate)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Build preset, as for `fwdata build`: a TOML "
+                                                                      "file or a packaged name, e.g. fast "
+                                                                      "(default: default)."),
+    depth_model: Optional[str] = typer.Option(None, help="Hub id or local directory (default: the preset's)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip, 4k+1 (default: the preset's)."),
+    height: Optional[int] = typer.Option(None, help="Clip height, a multiple of 16 (default: the preset's)."),
+    width: Optional[int] = typer.Option(None, help="Clip width, a multiple of 16 (default: the preset's)."),
+    stride: Optional[int] = typer.Option(None, help="Source frames between clip frames (0: from --fps)."),
+    fps: Optional[float] = typer.Option(None, help="Target clip frame rate when stride is 0."),
+    max_clips: Optional[int] = typer.Option(None, help="Most clips per video (0: all that fit)."),
     need_gpu: bool = typer.Option(False, "--need-gpu", help="Treat a missing GPU as a problem."),
 ) -> None:
     """Check torch, GPUs, free disk against what the build will write, packages and the depth model.
 
-    Exits 1 with one line per problem when something required is missing.
+    Takes the build's options (--config and the clip options): the clips of VIDEOS are planned by the
+    build's own code, and a video without a clip says why (e.g. too short at the stride its frame rate
+    gives). Exits 1 with one line per problem when something required is missing.
     """
-    from fwdata.doctor import DoctorOptions, estimate_dataset_bytes, run_doctor
+    from fwdata.build.cli import overrides_from_options
+    from fwdata.build.pipeline import ConfigError, input_videos, load_config
+    from fwdata.doctor import DoctorOptions, estimate_dataset_bytes, estimate_notes, run_doctor
 
-    files = list(_video_files(videos or []))
-    needed, clips = estimate_dataset_bytes(files, frames, height, width) if files else (0, 0)
-    notes = [f"estimate: {len(files)} videos -> about {clips} clips of {frames}x{height}x{width}"] if files else []
-    opts = DoctorOptions(path=out, required_free_bytes=needed, need_gpu=need_gpu, depth_model=depth_model,
-                         purpose="build", notes=notes)
+    try:
+        cfg = load_config(config, overrides_from_options(frames=frames, height=height, width=width, stride=stride,
+                                                         fps=fps, max_clips=max_clips, depth_model=depth_model))
+    except ConfigError as e:
+        fail(str(e))
+    files, missing = input_videos(videos or [], exclude=out)
+    if missing:
+        fail(f"input not found: {', '.join(missing)}")
+    checks, notes, needed = [], [], 0
+    if videos:
+        estimate = estimate_dataset_bytes(files, cfg.clips)
+        clips_check, notes = estimate_notes(estimate, cfg.clips)
+        checks, needed = [clips_check], estimate.bytes
+    opts = DoctorOptions(path=out, required_free_bytes=needed, need_gpu=need_gpu,
+                         depth_model=None if cfg.depth.prior_dir else cfg.depth.model, purpose="build", notes=notes,
+                         extra_checks=checks)
     raise typer.Exit(run_doctor(opts, console))
 
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+# --------------------------------------------------------------------------- presets
 
 
-def _video_files(paths: List[Path]):
-    for p in paths:
-        if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_SUFFIXES)
-        elif p.exists():
-            yield p
-        else:
-            fail(f"{p} does not exist")
+@app.command()
+def presets() -> None:
+    """List the packaged build presets and gate files, one line each.
+
+    Use one by name (`fwdata build --config fast`, `fwdata validate --gates strict`), or copy one (its
+    folder is printed) to start your own: a path to any TOML file works as well.
+    """
+    from fwdata.presets import BUILD_PRESETS, GATE_FILES, listing
+
+    typer.echo("\n".join(listing(BUILD_PRESETS, "fwdata build --config NAME") + [""]
+                         + listing(GATE_FILES, "fwdata validate --gates NAME")))
 
 
 # --------------------------------------------------------------------------- schema
@@ -391,6 +540,10 @@ def schema_check(directory: Path = typer.Argument(Path("docs/schemas"), help="Fo
         console.print(f"out of date: {', '.join(stale)}; run `fwdata schema export {directory}`")
         raise typer.Exit(1)
     console.print("schemas are up to date")
+
+
+# every command's help reflowed to the terminal (after the last command; cli_common.reflow_help)
+reflow_help(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

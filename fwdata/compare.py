@@ -83,26 +83,54 @@ def match_truth(record: SampleRecord, truth: DatasetMetadata) -> Optional[Sample
     return None
 
 
-def _same_crop(a: SampleRecord, b: SampleRecord) -> bool:
-    """Both samples show the same region of the same-sized source (their clip sizes may differ)."""
-    return ((a.source.width, a.source.height) == (b.source.width, b.source.height)
-            and np.allclose(a.source.crop_xywh, b.source.crop_xywh))
+def _same_source(record: SampleRecord, truth: SampleRecord) -> bool:
+    """Both samples come from the same-sized source and the built clip's crop lies inside the truth's
+    (clip sizes and crops may differ: a 16:9 render built into 7:4 clips)."""
+    if (record.source.width, record.source.height) != (truth.source.width, truth.source.height):
+        return False
+    (x, y, w, h), (tx, ty, tw, th) = record.source.crop_xywh, truth.source.crop_xywh
+    return bool(x >= tx - 1e-6 and y >= ty - 1e-6 and x + w <= tx + tw + 1e-6 and y + h <= ty + th + 1e-6)
 
 
 def _truth_pixels(record: SampleRecord, truth: SampleRecord) -> tuple[np.ndarray, np.ndarray]:
-    """(rows (H,1), cols (1,W)): the truth pixel under each pixel centre of the built clip (nearest;
-    the identity when both have the same size), for samples with `_same_crop`."""
-    rows = np.floor((np.arange(record.height) + 0.5) * truth.height / record.height).astype(np.int64)
-    cols = np.floor((np.arange(record.width) + 0.5) * truth.width / record.width).astype(np.int64)
-    return rows[:, None], cols[None, :]
+    """(rows (H,1), cols (1,W)): the truth pixel under each pixel centre of the built clip, through
+    the source pixels both were cut from (nearest; the identity when both are the same crop and size),
+    for samples with `_same_source`."""
+    (x, y, w, h), (tx, ty, tw, th) = record.source.crop_xywh, truth.source.crop_xywh
+    src_u = x + (np.arange(record.width) + 0.5) * w / record.width
+    src_v = y + (np.arange(record.height) + 0.5) * h / record.height
+    cols = np.floor((src_u - tx) * truth.width / tw).astype(np.int64)
+    rows = np.floor((src_v - ty) * truth.height / th).astype(np.int64)
+    return np.clip(rows, 0, truth.height - 1)[:, None], np.clip(cols, 0, truth.width - 1)[None, :]
+
+
+def frame_pairs(cams: CameraFile, gt_cams: CameraFile) -> list[tuple[int, int]]:
+    """(built frame index, truth frame index) of the frames that share a `source_frame`, in built order."""
+    gt_index = {f.source_frame: f.index for f in gt_cams.frames}
+    return [(f.index, gt_index[f.source_frame]) for f in cams.frames if f.source_frame in gt_index]
+
+
+def aligned_trajectory(built_root: Path, record: SampleRecord, truth_root: Path,
+                       truth: SampleRecord) -> tuple[np.ndarray, np.ndarray, float]:
+    """The built cameras of the frames shared with the truth, mapped into the truth's world and unit
+    by the same Sim(3) `compare_sample` measures with: (aligned built w2c (N,4,4), truth w2c (N,4,4),
+    scale). Raises ValueError when fewer than 3 frames are shared or a path does not move."""
+    cams = read_camera_json(resolve_inside(built_root, record.paths.camera_json))
+    gt_cams = read_camera_json(resolve_inside(truth_root, truth.paths.camera_json))
+    pairs = frame_pairs(cams, gt_cams)
+    if len(pairs) < 3:
+        raise ValueError(f"only {len(pairs)} frames share a source frame with the truth (need 3)")
+    bi, ti = (np.array(x) for x in zip(*pairs))
+    gt_w2c = gt_cams.w2c_array()[ti]
+    s, _, _, aligned = camera.sim3_align(cams.w2c_array()[bi], gt_w2c)
+    return aligned, gt_w2c, float(s)
 
 
 def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, truth: SampleRecord) -> SampleComparison:
     """Every metric of one built sample against its truth sample (see the module docstring)."""
     cams = read_camera_json(resolve_inside(built_root, record.paths.camera_json))
     gt_cams = read_camera_json(resolve_inside(truth_root, truth.paths.camera_json))
-    gt_index = {f.source_frame: f.index for f in gt_cams.frames}
-    pairs = [(f.index, gt_index[f.source_frame]) for f in cams.frames if f.source_frame in gt_index]
+    pairs = frame_pairs(cams, gt_cams)
     registered = 100.0 * np.mean([f.registered for f in cams.frames])
     out = SampleComparison(sample=record.id, truth=truth.id, frames=len(pairs), registered_pct=float(registered))
     if len(pairs) < 3:
@@ -117,8 +145,8 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
         return out
     out.ate_pct, out.rpe_rot_deg, out.scale = 100 * m["ate_rel"], m["rpe_rot_deg"], m["scale"]
     out.focal_err_pct = 100 * float(np.mean(_source_fx(cams, record)[bi] / _source_fx(gt_cams, truth)[ti]) - 1.0)
-    if not _same_crop(record, truth):
-        out.note = "depth and points not compared: the samples show different crops of the source"
+    if not _same_source(record, truth):
+        out.note = "depth and points not compared: the built crop is not inside the truth's view of the source"
         return out
     rows, cols = _truth_pixels(record, truth)
     s, R, t, _ = camera.sim3_align(w2c, gt_w2c)

@@ -1,7 +1,8 @@
 """Environment checks behind `fwdata doctor` and `fwmodel doctor`.
 
-Each check gives one row (name, ok, detail); problems that stop the job are listed one per
-line and make the command exit 1. Only the generic checks live here (python, torch, GPUs, disk,
+Each check gives one row (name, ok, detail); problems that stop the job are listed after the
+table, each a paragraph starting `PROBLEM name:` (wrapped to the terminal, continuation lines
+indented by two spaces), and make the command exit 1. Only the generic checks live here (python, torch, GPUs, disk,
 packages, depth model); `fwmodel doctor` adds its model-weights check through
 `DoctorOptions.extra_checks` (fwdata does not depend on fwmodel).
 """
@@ -13,10 +14,15 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
+
+from fwdata.textout import paragraph
+
+if TYPE_CHECKING:
+    from fwdata.build.clips import ClipOptions
 
 #: packages the product uses, import name -> distribution name
 KEY_PACKAGES = {
@@ -125,23 +131,61 @@ def check_disk(path: Path, required_bytes: int) -> Check:
     return Check("disk", free >= required_bytes, detail)
 
 
-def estimate_dataset_bytes(videos: Sequence[Path], num_frames: int = 81, height: int = 336, width: int = 592,
-                           stride: int = 1) -> tuple[int, int]:
-    """(estimated bytes, estimated clips) for building a dataset from `videos` (files probed with decord).
+@dataclass
+class BuildEstimate:
+    """What building `videos` with some clip options would write: clips, bytes, and why the videos
+    without a clip have none (too short at the derived stride, unreadable)."""
 
-    Each clip of `num_frames` frames sampled every `stride` source frames becomes one sample of
-    num_frames x height x width pixels. Unreadable videos count as zero.
+    videos: int = 0
+    clips: int = 0
+    bytes: int = 0
+    strides: list[int] = field(default_factory=list)  # the stride of each video with clips
+    no_clip: list[tuple[str, str]] = field(default_factory=list)  # (video, reason)
+
+
+def estimate_dataset_bytes(videos: Sequence[Path], clips: "ClipOptions") -> BuildEstimate:
+    """The clips and bytes of building a dataset from `videos` with the clip options `clips`.
+
+    The clips are planned by the build's own code (`fwdata.build.clips.schedule_clips`: the stride
+    from the frame rate, the clip span, gaps, the most clips per video, portrait sizes), from a probe
+    of each file; nothing is decoded. Each clip becomes one sample of T x H x W pixels.
     """
-    from fwdata.dataset.video import VideoError, probe
+    from fwdata.build.clips import probe_for_plan, schedule_clips
 
-    clips = 0
+    est = BuildEstimate(videos=len(videos))
     for v in videos:
-        try:
-            info = probe(v)
-        except VideoError:
-            continue
-        clips += info.num_frames // (num_frames * stride)
-    return int(clips * num_frames * height * width * BYTES_PER_PIXEL), clips
+        info, reason = probe_for_plan(v)
+        if info is not None:
+            schedule = schedule_clips(info, clips)
+            reason = schedule.error
+            if schedule.starts:
+                est.clips += len(schedule.starts)
+                est.strides.append(schedule.stride)
+                est.bytes += int(len(schedule.starts) * clips.num_frames * schedule.height * schedule.width
+                                 * BYTES_PER_PIXEL)
+        if reason:
+            est.no_clip.append((str(v), reason))
+    return est
+
+
+def estimate_notes(est: BuildEstimate, clips: "ClipOptions") -> tuple[Check, list[str]]:
+    """The doctor's `clips` row and its notes: one line with the estimate, one per video without a clip."""
+    strides = sorted(set(est.strides))
+    at = f" at stride {strides[0]}" if len(strides) == 1 else (f" at strides {strides[0]}-{strides[-1]}"
+                                                                if strides else "")
+    summary = (f"{_count(est.videos, 'video')} -> {_count(est.clips, 'clip')} of {clips.num_frames} frames{at}, "
+               f"{clips.height}x{clips.width} (HxW), about {est.bytes / 1e9:.2f} GB")
+    detail = f"{_count(est.clips, 'clip')} from {_count(est.videos, 'video')}"
+    if est.no_clip:
+        detail += f"; {_count(len(est.no_clip), 'video')} without a clip (why: the `no clip from` lines)"
+    notes = [f"estimate: {summary}"] + [f"no clip from {video}: {reason}" for video, reason in est.no_clip]
+    return Check("clips", est.clips > 0, detail), notes
+
+
+def _count(n: int, noun: str) -> str:
+    from fwdata.textout import plural
+
+    return plural(n, noun)
 
 
 def check_depth_model(name: str) -> Check:
@@ -187,10 +231,11 @@ def run_doctor(opts: DoctorOptions, console: Optional[Console] = None) -> int:
         table.add_row(c.name, status, c.detail)
     console.print(table)
     for note in opts.notes:
-        console.print(note)
+        console.print(note, highlight=False, soft_wrap=True)
     problems = [c for c in checks if not c.ok and c.required]
-    for c in problems:
-        console.print(f"PROBLEM {c.name}: {c.detail}", highlight=False, soft_wrap=True)
+    for c in problems:  # one paragraph each, wrapped to the terminal, continuation lines indented
+        console.print(paragraph(f"PROBLEM {c.name}: {c.detail}", console.width), highlight=False, soft_wrap=True,
+                      markup=False)
     if not problems:
         console.print("all required checks passed")
     return 1 if problems else 0

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from fwdata import __version__
 from fwdata.dataset.layout import DERIVED_DIRS
 from fwdata.dataset.contract import SampleRecord
+from fwdata.textout import plural
 from fwmodel.config import WAN_TEXT_LEN
 from fwmodel.data import (
     ClipSpec,
@@ -329,7 +330,7 @@ class LatentCache:
             )
         if stale:
             raise CacheError(
-                f"latent cache {self.dir} is stale for {len(stale)} samples (e.g. {stale[0]}: the dataset sample "
+                f"latent cache {self.dir} is stale for {plural(len(stale), 'sample')} (e.g. {stale[0]}: the dataset sample "
                 f"changed since it was cached); run `{command}` again."
             )
         if text_dim is not None and self.text_dim != text_dim:
@@ -388,7 +389,10 @@ def _atomic_save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> 
 
 
 def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
-    """Encode every selected sample (skipping finished ones); returns the cache folder."""
+    """Encode every selected sample (skipping finished ones); returns the cache folder.
+
+    `progress(sample_id, n, total)` is called with ("", 0, total) before the first sample to encode
+    (total: the samples this run encodes) and with (id, n, total) after the n-th."""
     data = opts.data.model_copy(update={"root": Path(opts.dataset), "max_samples": None})
     spec = data.clip_spec()
     if spec.window == "random":
@@ -444,6 +448,8 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
 
     directory.mkdir(parents=True, exist_ok=True)
     todo = [r for r in selection.records if done.get(r.id, {}).get("record") != record_fingerprint(r)]
+    if progress:
+        progress("", 0, len(todo))
     for n, record in enumerate(todo):
         start = window_start(record.num_frames, spec)
         indices = list(range(start, start + spec.span, spec.frame_stride))

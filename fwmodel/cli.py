@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from fwdata import __version__
-from fwdata.cli_common import fail, version_callback
+from fwdata.cli_common import fail, reflow_help, version_callback
 
 app = typer.Typer(
     name="fwmodel",
@@ -101,8 +100,14 @@ def _stage_config(config: Optional[Path], stage: int):
     """Check --stage against the config file's train.stage (a Stage-1 recipe run as Stage 2 is a mistake)."""
     import tomllib
 
-    if config is None or not config.is_file():
+    from fwmodel.train import ConfigError, resolve_recipe
+
+    if config is None:
         return
+    try:
+        config = resolve_recipe(config)
+    except ConfigError as err:
+        fail(str(err))
     try:
         file_stage = tomllib.loads(config.read_text()).get("train", {}).get("stage")
     except tomllib.TOMLDecodeError:
@@ -148,7 +153,8 @@ def train(
     ctx: typer.Context,
     stage: int = typer.Option(..., "--stage", help="1: latent bridging, 2: unified co-optimisation."),
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="Training recipe TOML, e.g. pipelines/train/stage1.toml."
+        None, "--config", "-c", help="Training recipe: a TOML file or a packaged name (stage1, stage2, tiny-stage1, "
+        "tiny-stage2; `fwmodel recipes` lists them)."
     ),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (metadata.json); sets data.root."),
     output: Optional[Path] = typer.Option(
@@ -173,6 +179,11 @@ def train(
         None, "--set", help="Any config value, e.g. --set data.num_frames=49 (repeatable)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest state."),
+    allow_random_init: bool = typer.Option(
+        False, "--allow-random-init",
+        help="Train on labels or latents made by randomly initialised models (random-tiny depth, VAE or text "
+        "encoder), with a warning; sets data.allow_random_init_labels = true. For tests and demos only.",
+    ),
     resume_step: Optional[int] = typer.Option(None, "--resume-step", help="With --resume: continue from step N."),
     allow_missing_sidecar: bool = typer.Option(
         False, "--allow-missing-sidecar",
@@ -182,7 +193,9 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="A few steps on one sample: shapes, memory, step time; writes nothing."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (train.log has everything)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress: only warnings, errors and one summary line at the end (steps, "
+        "elapsed time, final weights); train.log has everything."),
 ) -> None:
     """Train Stage 1 or Stage 2 on a dataset in our contract (one GPU, or many with torchrun).
 
@@ -192,6 +205,7 @@ def train(
     """
     from fwdata.runtime import Terminated, sigterm_as_interrupt
     from fwmodel.train import TrainingAborted, load_config
+    from fwmodel.progress import choose_mode
     from fwmodel.train import train as run_train
 
     if stage not in (1, 2):
@@ -201,6 +215,7 @@ def train(
         "train.stage": stage, "data.root": data, "train.output": output, "model.init_from": init_from,
         "model.wan_weights": weights, "model.preset": preset, "train.num_steps": steps,
         "train.batch_size": batch_size, "train.grad_accum": grad_accum, "optim.lr": lr, "train.threads": threads,
+        "data.allow_random_init_labels": True if allow_random_init else None,
     }
     user_errors = _user_errors()
     try:
@@ -208,7 +223,8 @@ def train(
         with sigterm_as_interrupt():
             run_train(cfg, resume=resume or resume_step is not None, resume_step=resume_step, dry_run=dry_run,
                       quiet=quiet, echo=typer.echo, allow_missing_sidecar=allow_missing_sidecar,
-                      command=_command_line(ctx, cfg.output_dir()), echo_err=lambda m: typer.echo(m, err=True))
+                      command=_command_line(ctx, cfg.output_dir()), echo_err=lambda m: typer.echo(m, err=True),
+                      progress_mode=choose_mode(quiet))
     except KeyboardInterrupt as err:  # the trainer printed the last state and the --resume command
         raise typer.Exit(143 if isinstance(err, Terminated) else 130) from None
     except TrainingAborted as err:
@@ -229,7 +245,8 @@ def cache(
         "`random-tiny`: a tiny random UMT5 as wide as the recipe's preset (tests and demos, marked random_init)."
     ),
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="Take frames, size, stride, window, split from this training recipe."
+        None, "--config", "-c", help="Take frames, size, stride, window, split from this training recipe (a TOML file or a "
+        "packaged name, e.g. tiny-stage1)."
     ),
     frames: Optional[int] = typer.Option(None, "--frames", help="T = 4k+1 (overrides the recipe)."),
     height: Optional[int] = typer.Option(None, "--height", help="H, multiple of 16 (overrides the recipe)."),
@@ -241,7 +258,8 @@ def cache(
     captions: Optional[Path] = typer.Option(None, "--captions", help="JSON {sample id: caption}."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="Encoder dtype: auto (bf16 on GPU), float32 or bfloat16."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: one summary line at the end (and warnings, "
+                               "errors)."),
 ) -> None:
     """Pre-compute Wan VAE latents and UMT5 text embeddings (512 tokens) once, beside the dataset.
 
@@ -254,6 +272,7 @@ def cache(
 
     from fwmodel.cache import CacheOptions, build_cache, is_random_encoder
     from fwmodel.config import get_preset
+    from fwmodel.progress import StepProgress, cache_summary, choose_mode
     from fwmodel.train import load_config
 
     sets = {"data.num_frames": frames, "data.height": height, "data.width": width, "data.frame_stride": stride,
@@ -270,34 +289,33 @@ def cache(
         opts = CacheOptions(dataset=dataset, vae=vae, text_encoder=text_encoder, data=cfg.data, captions=captions,
                             device=device, encoder_dtype=dtype, text_dim=get_preset(cfg.model.preset).wan.text_dim)
 
-        def progress(sample_id: str, n: int, total: int) -> None:
-            if not quiet:
-                typer.echo(f"  [{n}/{total}] {sample_id}")
-
-        directory = build_cache(opts, progress)
+        meter = StepProgress("caching", 0, "sample", choose_mode(quiet), echo=typer.echo)
+        try:
+            directory = build_cache(opts, meter.item_callback())
+        finally:
+            meter.close()
     except user_errors as err:
         fail(str(err))
-    if not quiet:
-        typer.echo(f"latent cache ready: {directory}")
+    typer.echo(f"latent cache ready: {directory} ({cache_summary(meter)})")  # also with --quiet: the one line
     if is_random_encoder(vae) or is_random_encoder(text_encoder):
         typer.echo("warning: made with randomly initialised encoders (marked random_init in cache.json): the latents "
                    "and text embeddings mean nothing; for tests and demos only (training refuses it unless "
-                   "data.allow_random_init_labels = true)", err=True)
+                   "`fwmodel train ... --allow-random-init`, or data.allow_random_init_labels = true)", err=True)
 
 
 @app.command()
 def bench(
     preset: str = typer.Option("wan2.1-t2v-1.3b", "--preset", help="Model preset."),
     stage: int = typer.Option(1, "--stage", help="1 or 2."),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples per step."),
     frames: int = typer.Option(81, "--frames", help="T = 4k+1."),
-    height: int = typer.Option(336, "--height"),
-    width: int = typer.Option(592, "--width"),
+    height: int = typer.Option(336, "--height", help="H, a multiple of 16."),
+    width: int = typer.Option(592, "--width", help="W, a multiple of 16."),
     steps: int = typer.Option(5, "--steps", help="Timed steps."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
     no_checkpointing: bool = typer.Option(False, "--no-checkpointing", help="Turn gradient checkpointing off."),
     mixed_precision: str = typer.Option("bf16", "--mixed-precision", help="bf16 or no."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (known GPUs built in)."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip the FLOP count (and MFU)."),
     format: str = typer.Option("table", "--format", help="table or json."),
@@ -320,57 +338,43 @@ def bench(
 
 
 @app.command()
+def recipes() -> None:
+    """List the packaged training recipes, one line each.
+
+    Use one by name (`fwmodel train --config tiny-stage1`), or copy one (its folder is printed) to
+    start your own: a path to any TOML file works as well.
+    """
+    from fwdata.presets import listing
+    from fwmodel.recipes import RECIPES
+
+    typer.echo("\n".join(listing(RECIPES, "fwmodel train --config NAME")))
+
+
+@app.command()
 def demo(
     out: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-clip lines; the steps' "
+                                                            "summaries only."),
 ) -> None:
-    """The main job end to end: render clips with ground truth, build a dataset from their videos, validate it, train.
+    """The main job end to end on one dataset: render clips with ground truth, build a dataset from their
+    videos, compare it with the truth, validate it, cache it, train Stage 1 and Stage 2 on it.
 
     Runs offline: depth comes from `random-tiny` (a randomly initialised Depth Anything, so its depth
-    is not real and validation flags it) and training uses a tiny random Wan. What `make demo` runs.
+    is not real); validation uses the demo's gate file (OUT/demo-gates.toml: the default gates, plus
+    allow_random_init_models for the demo only); training uses a tiny random Wan. Exit 1 when a step
+    fails (validation included), with the reason. What `make demo` runs.
     """
-    from fwdata.build.cli import run_demo_build
-    from fwdata.cli import console, print_dataset_summary
-    from fwdata.compare import compare_datasets
-    from fwdata.dataset.contract import ContractError, load_metadata
-    from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
-    from fwdata.validate import ValidateOptions
-    from fwdata.validate.report import ReportFormat, validate_and_report
-    from fwmodel.demo import run_training_demo
+    from fwdata.cli import console
+    from fwmodel.demo import DemoFailed, run_demo
 
-    console.print("[bold]1/4 render[/]: 4 synthetic clips with ground truth (orbit, forward, pan, rotate)")
-    gt = out / "synthetic"
-    write_synthetic_dataset(gt, SynthOptions(num_scenes=4, num_frames=33, height=192, width=336),
-                            progress=None if quiet else (lambda sid: console.print(f"  {sid}")))
     try:
-        print_dataset_summary(gt, load_metadata(gt))
-    except ContractError as e:
-        fail(str(e), code=1)
+        run_demo(out, console, quiet=quiet)
+    except DemoFailed as err:
+        fail(f"demo stopped: {err}", code=1)
 
-    console.print("[bold]2/4 build[/]: fwdata build on the rendered videos (depth model random-tiny)")
-    dataset = out / "dataset"
-    built = run_demo_build(gt / "videos", dataset, console, quiet=quiet)
-    if not built.metadata.samples:
-        fail("the demo build produced no sample", code=1)
 
-    accuracy, _ = compare_datasets(dataset, gt)
-    console.print("  cameras against the ground truth (`fwdata compare`; the depth is random here, so only cameras):")
-    console.print(accuracy[["truth", "frames", "registered_pct", "ate_pct", "focal_err_pct", "note"]].to_string(
-        index=False, na_rep="-", float_format=lambda v: f"{v:.3g}"), markup=False, highlight=False, soft_wrap=True)
-
-    console.print("[bold]3/4 validate[/]: fwdata validate on the built dataset (default gates)")
-    code = validate_and_report(ValidateOptions(dataset=dataset, workers=0), ReportFormat.table, quiet=quiet,
-                               console=console)
-    if code == 2:
-        fail("the built dataset could not be read by validation", code=1)
-    if code == 1:
-        console.print("  (expected here: the gate refuses depth from a randomly initialised model; "
-                      "build with a real --depth-model to pass)")
-
-    console.print("[bold]4/4 train[/]: tiny Stage 1, then Stage 2 from its checkpoint (random tiny Wan; see docs/TRAINING.md)")
-    trained = run_training_demo(out, echo=lambda m: console.print(m, markup=False, highlight=False), quiet=quiet)
-    console.print(f"[green]demo finished[/]: ground truth at {gt}, built dataset at {dataset} "
-                  f"(validation exit {code}); Stage-1 weights {trained['stage1']}, Stage-2 weights {trained['stage2']}")
+# every command's help reflowed to the terminal (after the last command; cli_common.reflow_help)
+reflow_help(app)
 
 
 if __name__ == "__main__":  # pragma: no cover  (torchrun -m fwmodel.cli train ...)

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset, Sampler
 
 from fwdata.dataset import camera as cam
+from fwdata.textout import plural
 from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
@@ -176,7 +177,7 @@ def select_samples(root: Path, cfg: DataConfig) -> Selection:
         chosen = chosen[: cfg.max_samples]
     random_init = {r.id: m for r in chosen if (m := random_init_models(r, meta.provenance.models))}
     if not chosen:
-        counts = f"{len(meta.samples)} samples, {sum(s.split == cfg.split for s in meta.samples)} in split {cfg.split!r}"
+        counts = f"{plural(len(meta.samples), 'sample')}, {sum(s.split == cfg.split for s in meta.samples)} in split {cfg.split!r}"
         reasons = "; ".join(sorted(set(skipped.values())))[:300]
         raise DataError(
             f"no training samples in {root} ({counts}){': ' + reasons if reasons else ''}; "

@@ -1,9 +1,9 @@
 """The two-stage FantasyWorld trainer: one readable loop for one GPU, many GPUs and many nodes.
 
-    fwmodel train --stage 1 --config pipelines/train/stage1.toml --data DATASET
-    fwmodel train --stage 2 --config pipelines/train/stage2.toml --data DATASET \\
+    fwmodel train --stage 1 --config stage1 --data DATASET
+    fwmodel train --stage 2 --config stage2 --data DATASET \\
         --init-from outputs/fantasy_world_stage1/step-20000.safetensors
-    torchrun --nproc_per_node 8 -m fwmodel.cli train ...          (data parallel, see pipelines/train)
+    torchrun --nproc_per_node 8 -m fwmodel.cli train ...          (data parallel, see pipelines/train/)
 
 What one run does, in order:
 
@@ -62,7 +62,9 @@ from fwmodel.checkpoint import CheckpointError, file_sha256, load_trainable, sav
 from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
 from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
 from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
+from fwdata.textout import plural
 from fwmodel.memory import GIB, check_fits, device_capacity, estimate_memory
+from fwmodel.progress import Mode, StepProgress
 from fwmodel.stages import TRAINED_PARTS, set_trainable, trainable_module_names
 
 STATE_FORMAT = "fwmodel-train-state"
@@ -196,7 +198,8 @@ def _parse_value(text: str) -> Any:
 
 def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
                 sets: Optional[list[str]] = None) -> TrainConfig:
-    """TOML file (optional) + `--set section.key=value` strings + explicit overrides {"section.key": value}."""
+    """TOML file or packaged recipe name (optional; `tiny-stage1`, see fwmodel.recipes) + `--set section.key=value`
+    strings + explicit overrides {"section.key": value}."""
     items: list[tuple[str, Any]] = []
     for s in sets or []:
         if "=" not in s:
@@ -210,8 +213,18 @@ def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]]
         if len(parts) != 2:
             raise ConfigError(f"override {key!r}: expected section.key, e.g. optim.lr")
         nested.setdefault(parts[0], {})[parts[1]] = value
+    if path is not None:
+        path = resolve_recipe(path)
     return load_config_file(TrainConfig, path, nested, error=ConfigError,
-                            missing_hint="the recipes are in pipelines/train/")
+                            missing_hint="`fwmodel recipes` lists the packaged recipes")
+
+
+def resolve_recipe(recipe) -> Path:
+    """A recipe file, or a packaged recipe by name (`tiny-stage1`); ConfigError listing the names otherwise."""
+    from fwdata.presets import find_preset
+    from fwmodel.recipes import RECIPES
+
+    return find_preset(recipe, RECIPES, error=ConfigError)
 
 
 def config_toml(cfg: TrainConfig) -> str:
@@ -341,6 +354,13 @@ class RunLogger:
             self.pending += lines
         if console and not self.quiet:
             self.echo(message)
+
+    def summary(self, message: str) -> None:
+        """Into train.log and onto the console, also with --quiet: the run's last line."""
+        if not self.dist.is_main:
+            return
+        self.info(message, console=False)
+        self.echo(message)
 
     def warn(self, message: str) -> None:
         """Into train.log and onto stderr, also with --quiet: what the user must not miss."""
@@ -869,7 +889,8 @@ def _interrupt_message(err: KeyboardInterrupt, output: Optional[Path], cfg: Trai
 def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = None, dry_run: bool = False,
           quiet: bool = False, echo: Callable[[str], None] = print,
           allow_missing_sidecar: bool = False, command: Optional[str] = None,
-          echo_err: Optional[Callable[[str], None]] = None) -> TrainResult:
+          echo_err: Optional[Callable[[str], None]] = None, progress_mode: Optional[Mode] = None,
+          console=None) -> TrainResult:
     """Run (or resume) one training stage as configured. See the module docstring.
 
     `allow_missing_sidecar` loads --init-from (or the resumed weights) without its .json sidecar,
@@ -878,7 +899,9 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
     Ctrl-C (KeyboardInterrupt, re-raised) the last saved state and `command --resume` are printed to
     stderr and written to train.log. Warnings go to `echo_err` (default stderr), also when `quiet`.
     The torch intra-op threads are set for the run (`train.threads`, see `resolve_threads`) and
-    restored afterwards.
+    restored afterwards. `progress_mode` (fwmodel.progress: `bar`, `lines`, `off`; default `off` when
+    `quiet`, else `lines`) shows the steps with elapsed time and ETA on rank 0 (`console`: the rich
+    console of the bar); the last line ("finished Stage N: ... in H:MM:SS") is printed also when `quiet`.
     """
     if dry_run:
         cfg = cfg.model_copy(update={
@@ -894,16 +917,26 @@ def train(cfg: TrainConfig, resume: bool = False, resume_step: Optional[int] = N
         torch.set_num_threads(threads)
     try:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": torch.get_num_threads()})})
+        mode = progress_mode or ("off" if quiet else "lines")
+        meter = StepProgress(f"stage {cfg.train.stage}", cfg.train.num_steps, "step",
+                             mode if d.is_main else "off", echo=echo, console=console)
         return _train_run(cfg, d, resume, resume_step, dry_run, quiet, echo, echo_err, allow_missing_sidecar,
-                          command, threads_why)
+                          command, threads_why, meter)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train_run(cfg: TrainConfig, d: Dist, resume: bool, resume_step: Optional[int], dry_run: bool, quiet: bool,
                echo: Callable[[str], None], echo_err: Optional[Callable[[str], None]], allow_missing_sidecar: bool,
-               command: Optional[str], threads_why: str) -> TrainResult:
+               command: Optional[str], threads_why: str, meter: StepProgress) -> TrainResult:
     output = None if dry_run else cfg.output_dir()
+    if output is not None:
+        from fwdata.dataset.store import check_writable_folder
+
+        try:  # the check of every output folder (fwdata build --out too): an existing file is one line
+            check_writable_folder(output, create=False)
+        except OSError as err:
+            raise ConfigError(f"--output (train.output): {err}") from None
     if output is not None and not resume and list_states(output):
         raise ResumeError(f"{output} already holds a run (state/step-{list_states(output)[-1]}): pass --resume to "
                           "continue it, or choose another --output")
@@ -914,7 +947,7 @@ def _train_run(cfg: TrainConfig, d: Dist, resume: bool, resume_step: Optional[in
     log = RunLogger(d, quiet, echo, echo_err)
     progress: dict = {"step": None, "threads": threads_why}
     try:
-        return _train(cfg, d, log, output, saved, dry_run, allow_missing_sidecar, progress)
+        return _train(cfg, d, log, output, saved, dry_run, allow_missing_sidecar, progress, meter)
     except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM through fwdata.runtime.sigterm_as_interrupt)
         log.warn(_interrupt_message(err, output, cfg, progress["step"], command))
         raise
@@ -923,6 +956,7 @@ def _train_run(cfg: TrainConfig, d: Dist, resume: bool, resume_step: Optional[in
             log.info(f"error: {type(err).__name__}: {err}", console=False)
         raise
     finally:
+        meter.close()
         log.close()
 
 
@@ -952,14 +986,16 @@ def refuse_random_init(found: list[str]) -> DataError:
     return DataError(
         "; ".join(found) + ". Training on them teaches nothing: build the dataset with a real depth model "
         "(`fwdata build --depth-model ...`) and cache it with the Wan weights (`fwmodel cache DATASET --vae WAN "
-        "--text-encoder WAN`), or, for tests and demos only, set data.allow_random_init_labels = true "
-        "(--set data.allow_random_init_labels=true)"
+        "--text-encoder WAN`), or, for tests and demos only, allow it: `fwmodel train ... --allow-random-init` "
+        "(sets data.allow_random_init_labels = true)"
     )
 
 
 def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], saved: Optional[SavedState],
-           dry_run: bool, allow_missing_sidecar: bool, progress: Optional[dict] = None) -> TrainResult:
+           dry_run: bool, allow_missing_sidecar: bool, progress: Optional[dict] = None,
+           meter: Optional[StepProgress] = None) -> TrainResult:
     progress = {} if progress is None else progress
+    meter = meter or StepProgress(f"stage {cfg.train.stage}", cfg.train.num_steps, mode="off")
     stage = cfg.train.stage
     tcfg = cfg.train
     model_config = get_preset(cfg.model.preset)
@@ -987,7 +1023,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     dataset = prepare_data(cfg, model_config)
     for sid, why in list(dataset.skipped.items())[:10]:
         log.info(f"skipped sample {sid}: {why}", console=False)
-    log.info(f"data: {len(dataset)} samples from {cfg.data.root} (split {cfg.data.split}"
+    log.info(f"data: {plural(len(dataset), 'sample')} from {cfg.data.root} (split {cfg.data.split}"
              f"{', gated-out included' if cfg.data.include_gated_out else ''}, {len(dataset.skipped)} skipped), "
              f"{cfg.data.num_frames} frames at {cfg.data.height}x{cfg.data.width}, stride {cfg.data.frame_stride}; "
              + (f"latent cache {dataset.cache.dir}" + (" (RANDOM tiny encoders)" if dataset.cache.random_init else "")
@@ -997,8 +1033,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         log.warn("WARNING: " + "; ".join(found) + ". This run is for tests and demos only: its weights learn "
                  "nothing real (data.allow_random_init_labels = true).")
     global_batch = tcfg.batch_size * d.world_size * tcfg.grad_accum
-    log.info(f"batch: {tcfg.batch_size} per GPU x {d.world_size} GPUs x {tcfg.grad_accum} accumulation = "
-             f"{global_batch} samples per step; {tcfg.num_steps} steps")
+    log.info(f"batch: {tcfg.batch_size} per GPU x {plural(d.world_size, 'GPU')} x {tcfg.grad_accum} accumulation = "
+             f"{plural(global_batch, 'sample')} per step; {plural(tcfg.num_steps, 'step')}")
 
     # ---- preflight ----
     act_bytes = 2 if cfg.model.mixed_precision == "bf16" else 4
@@ -1067,6 +1103,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         torch.cuda.reset_peak_memory_stats(d.device)
     fault_step = int(os.environ.get("FWMODEL_FAULT_KILL_AT_STEP", "0"))  # tests: simulate a crash (SIGKILL)
 
+    meter.start(done=state.step)  # elapsed time and ETA on the console (fwmodel.progress)
     while state.step < tcfg.num_steps:
         step = state.step + 1
         progress["step"] = step
@@ -1171,13 +1208,15 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         if output is not None and (step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps):
             result.checkpoints.append(save_state(output, model, optimizer, scheduler, names, state, cfg,
                                                  dataset.fingerprint, d, log))
+        meter.update(step)
 
     result.step, result.skipped = state.step, state.skipped
+    meter.close()
     if dry_run:
         log.info(f"dry run finished: {state.step} steps on 1 sample, last step "
                  f"{result.last_metrics.get('perf/step_time_s', 0):.2f} s, peak memory "
                  f"{result.last_metrics.get('mem/peak_gib', 0):.2f} GiB; nothing was written")
-    else:
-        log.info(f"finished Stage {stage}: {state.step} steps ({state.skipped} skipped); "
-                 f"final weights {output / f'step-{state.step}.safetensors'}")
+    else:  # the one line --quiet prints
+        log.summary(f"finished Stage {stage}: {meter.summary()}, {state.skipped} skipped; "
+                    f"final weights {output / f'step-{state.step}.safetensors'}")
     return result

@@ -27,7 +27,7 @@ def test_version_and_help(app):
 def test_doctor_reports_missing_depth_model_and_exits_1(tmp_path):
     r = runner.invoke(fwdata_app, ["doctor", "--out", str(tmp_path), "--depth-model", str(tmp_path / "no-such-model")])
     assert r.exit_code == 1
-    problems = [line for line in r.output.splitlines() if line.startswith("PROBLEM")]
+    problems = [line for line in r.output.replace("\n  ", " ").splitlines() if line.startswith("PROBLEM")]
     assert len(problems) == 1 and "depth model" in problems[0] and "no-such-model" in problems[0]
 
 
@@ -59,14 +59,17 @@ def test_disk_estimate_grows_with_the_inputs(tmp_path):
     v = tmp_path / "v.mp4"
     write_mp4(v, np.zeros((20, 32, 64, 3), np.uint8), fps=10)
     (tmp_path / "bad.mp4").write_text("junk")
-    one, clips1 = estimate_dataset_bytes([v], num_frames=9, height=32, width=64)
-    two, clips2 = estimate_dataset_bytes([v, v, tmp_path / "bad.mp4"], num_frames=9, height=32, width=64)
+    from fwdata.build.clips import ClipOptions
+
+    opts = ClipOptions(num_frames=9, height=32, width=64)  # 10 fps -> stride 1: clips at frames 0 and 9
+    a, b = estimate_dataset_bytes([v], opts), estimate_dataset_bytes([v, v, tmp_path / "bad.mp4"], opts)
+    one, clips1, two, clips2 = a.bytes, a.clips, b.bytes, b.clips
     assert (clips1, clips2) == (2, 4) and two == 2 * one > 2 * 9 * 32 * 64 * 10
 
 
 def test_fwmodel_doctor_names_missing_weights(tmp_path):
     r = runner.invoke(fwmodel_app, ["doctor", "--output", str(tmp_path), "--weights", str(tmp_path / "wan")])
-    problems = [line for line in r.output.splitlines() if line.startswith("PROBLEM wan2.1 weights")]
+    problems = [line for line in r.output.replace("\n  ", " ").splitlines() if line.startswith("PROBLEM wan2.1 weights")]
     assert r.exit_code == 1 and len(problems) == 1 and "not found at" in problems[0], r.output
 
 

@@ -48,6 +48,10 @@ class AlignOptions(BaseModel):
     inlier_threshold: float = Field(0.1, gt=0, description="RANSAC inlier threshold on the relative depth residual")
     ransac_iterations: int = Field(256, ge=1)
     max_depth_ratio: float = Field(200.0, gt=1, description="depth beyond this many times the median is invalid")
+    max_absrel: float = Field(0.25, ge=0, description="refuse the clip when the aligned depth still disagrees with "
+                                                      "the SfM points by more than this mean AbsRel (the cameras or "
+                                                      "the depth are wrong); 0 = off. Not checked for depth from a "
+                                                      "randomly initialised model")
     seed: int = Field(0, ge=0)
 
 
@@ -228,6 +232,19 @@ def align_depth(depth: DepthResult, sfm: SfmResult, opts: AlignOptions) -> Align
     return AlignResult(depth=out, valid=valid, w2c=w2c, points=points, scale=scale, scale_source=scale_source,
                        params=params, refined=refined, absrel=absrel, absrel_per_frame=per_frame,
                        frames_with_points=frames_with_points, notes=notes)
+
+
+def check_agreement(result: AlignResult, opts: AlignOptions) -> None:
+    """Raise AlignError when depth and cameras disagree beyond `opts.max_absrel`.
+
+    A camera solution in a wrong focal basin (e.g. a rotation-dominant clip) can reproject its own
+    points well and still give a structure no depth map fits: the per-frame affine fit of a good
+    depth prior then leaves tens of percent of relative error, against a few percent on right cameras.
+    Either label would be wrong, so the clip is refused rather than written."""
+    if opts.max_absrel and np.isfinite(result.absrel) and result.absrel > opts.max_absrel:
+        raise AlignError(f"depth and cameras disagree: the aligned depth is off the SfM points by "
+                         f"{100 * result.absrel:.0f} % on average (limit {100 * opts.max_absrel:g} %); the "
+                         f"cameras (often the focal length) or the depth are wrong; give --intrinsics if known")
 
 
 def _justified(Xi: np.ndarray, theta: np.ndarray, prior, min_gain: float) -> bool:

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from fwdata.runtime import Terminated, sigterm_as_interrupt
 from fwdata.build.pipeline import BuildConfig, BuildSummary, ClipOutcome, ConfigError, build_dataset, load_config
 from fwdata.cli_common import EXIT_USAGE
+from fwdata.textout import plural
 from fwdata.build.depth import DepthModelError
 
 
@@ -39,7 +40,7 @@ class RichBuildProgress:
         if self.quiet:
             return
         if skipped:
-            self.console.print(f"{skipped} of {total} clips already built (skipped; --force redoes them)", soft_wrap=True)
+            self.console.print(f"{skipped} of {plural(total, 'clip')} already built (skipped; --force redoes them)", soft_wrap=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=self.console, transient=False)
@@ -116,8 +117,8 @@ def overrides_from_options(**opts: Any) -> dict[str, Any]:
 
 def print_summary(console: Console, summary: BuildSummary) -> None:
     st = summary.metadata.statistics
-    console.print(f"[bold]{summary.out}[/]: {st.num_samples} samples ({st.total_frames} frames, "
-                  f"{st.duration_s:.1f} s of video) from {summary.num_videos} videos; this run built "
+    console.print(f"[bold]{summary.out}[/]: {plural(st.num_samples, 'sample')} ({plural(st.total_frames, 'frame')}, "
+                  f"{st.duration_s:.1f} s of video) from {plural(summary.num_videos, 'video')}; this run built "
                   f"{summary.built}, skipped {summary.skipped} finished, {len(summary.failures)} failed "
                   f"in {summary.seconds:.0f} s", highlight=False, soft_wrap=True)
     if summary.clip_seconds:
@@ -157,7 +158,7 @@ def run_build_command(videos: Sequence[Path], out: Path, preset: Optional[str], 
                           highlight=False, soft_wrap=True)
         return 143 if isinstance(e, Terminated) else 130
     if quiet:
-        console.print(f"{summary.out}: {summary.metadata.statistics.num_samples} samples, built {summary.built}, "
+        console.print(f"{summary.out}: {plural(summary.metadata.statistics.num_samples, 'sample')}, built {summary.built}, "
                       f"skipped {summary.skipped}, failed {len(summary.failures)}", highlight=False, soft_wrap=True)
         for f in summary.failures:
             console.print(f"  failed {_shown(f.source)} {_shown(f'[{f.stage}]')} {_shown(f.reason)}", highlight=False,
@@ -167,17 +168,18 @@ def run_build_command(videos: Sequence[Path], out: Path, preset: Optional[str], 
     return summary.exit_code
 
 
-def run_demo_build(videos: Path, out: Path, console: Console, quiet: bool = False) -> BuildSummary:
+def run_demo_build(videos: Path, out: Path, console: Console, quiet: bool = False, frames: int = 17,
+                   height: int = 192, width: int = 336, stride: int = 2) -> BuildSummary:
     """`make demo`'s build step: the rendered example videos through the whole pipeline, offline.
 
-    Uses the fast preset at the examples' size (17 frames taken every 2nd frame of the 33-frame
-    renders, 192x336), the randomly initialised `random-tiny` depth model (no download) and two
-    worker processes, so it takes about a minute on two cores.
+    Uses the fast preset at the examples' size (by default 17 frames taken every 2nd frame of the
+    33-frame renders, 192x336), the randomly initialised `random-tiny` depth model (no download) and
+    two worker processes, so it takes about a minute on two cores.
     """
     config = load_config("fast", {"workers": 2, "write_ply": True, "depth": {"model": "random-tiny"},
-                                  "clips": {"num_frames": 17, "height": 192, "width": 336, "stride": 2}})
+                                  "clips": {"num_frames": frames, "height": height, "width": width, "stride": stride}})
     summary = build_dataset([videos], out, config, progress=RichBuildProgress(console, quiet=quiet),
                             command=f"fwdata build {videos} --out {out} --config fast --depth-model random-tiny "
-                                    f"--frames 17 --height 192 --width 336 --stride 2 --workers 2")
+                                    f"--frames {frames} --height {height} --width {width} --stride {stride} --workers 2")
     print_summary(console, summary)
     return summary

@@ -211,26 +211,63 @@ def _silence_native_stderr():
         os.close(saved)
 
 
+@dataclass(frozen=True)
+class ClipSchedule:
+    """Where the clips of one video start and at what size: the one clip-planning rule, used by the
+    build (`plan_video`) and by `fwdata doctor`'s estimate."""
+
+    stride: int
+    span: int  # source frames one clip covers, (T - 1) * stride + 1
+    starts: tuple[int, ...]
+    height: int
+    width: int
+    error: Optional[str] = None  # why the video has no clip
+
+
+def schedule_clips(info: VideoInfo, opts: ClipOptions) -> ClipSchedule:
+    """The clips a probed video yields under `opts` (no decoding): stride from the options or the frame
+    rate, consecutive non-overlapping clips `clip_gap` frames apart, at most `max_clips_per_video`."""
+    stride = clip_stride(info, opts)
+    span = (opts.num_frames - 1) * stride + 1
+    out_h, out_w = output_size(info, opts)
+    if info.num_frames < span:
+        return ClipSchedule(stride, span, (), out_h, out_w,
+                            error=f"too short: {info.num_frames} frames, a clip of {opts.num_frames} frames at "
+                                  f"stride {stride} needs {span}; lower --frames or --stride")
+    starts: list[int] = []
+    start = 0
+    while start + span <= info.num_frames:
+        starts.append(start)
+        if opts.max_clips_per_video and len(starts) >= opts.max_clips_per_video:
+            break
+        start += span + opts.clip_gap
+    return ClipSchedule(stride, span, tuple(starts), out_h, out_w)
+
+
+def probe_for_plan(path: Union[str, Path]) -> tuple[Optional[VideoInfo], Optional[str]]:
+    """Probe a video as the build does: (info, None), or (None, the one-line reason it cannot be read)."""
+    path = Path(path)
+    try:
+        with _silence_native_stderr():
+            return probe(path), None
+    except VideoError as e:
+        return None, _video_reason(str(e), path)
+    except Exception as e:  # pragma: no cover - decoder crashes we did not foresee
+        return None, f"cannot probe the video ({type(e).__name__}: {e})"
+
+
 def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
     """Probe one video and plan its clips. Never raises for a bad video: the plan carries the reason."""
     path = Path(path)
     plan = VideoPlan(source=str(path))
-    try:
-        with _silence_native_stderr():
-            info = probe(path)
-    except VideoError as e:
-        plan.error = _video_reason(str(e), path)
+    info, plan.error = probe_for_plan(path)
+    if info is None:
         return plan
-    except Exception as e:  # pragma: no cover - decoder crashes we did not foresee
-        plan.error = f"cannot probe the video ({type(e).__name__}: {e})"
+    schedule = schedule_clips(info, opts)
+    if schedule.error:
+        plan.error = schedule.error
         return plan
-    stride = clip_stride(info, opts)
-    span = (opts.num_frames - 1) * stride + 1
-    if info.num_frames < span:
-        plan.error = (f"too short: {info.num_frames} frames, a clip of {opts.num_frames} frames at stride {stride} "
-                      f"needs {span}; lower --frames or --stride")
-        return plan
-    out_h, out_w = output_size(info, opts)
+    stride, out_h, out_w = schedule.stride, schedule.height, schedule.width
     crop, scale = crop_and_scale(info.height, info.width, out_h, out_w)
     size = path.stat().st_size
     fingerprint = content_fingerprint(path)
@@ -239,17 +276,13 @@ def plan_video(path: Union[str, Path], opts: ClipOptions) -> VideoPlan:
         all_times = frame_times(path, range(info.num_frames))
     except VideoError:
         all_times = []
-    start = 0
-    while start + span <= info.num_frames:
+    for start in schedule.starts:
         sid = make_sample_id(path.name, fingerprint, start, stride, opts.num_frames, out_h, out_w)
         idx = [start + i * stride for i in range(opts.num_frames)]
         times = tuple(all_times[i] for i in idx) if all_times else ()
         plan.clips.append(ClipPlan(source=str(path), source_size=size, info=info, start_frame=start, stride=stride,
                                    num_frames=opts.num_frames, height=out_h, width=out_w, crop_xywh=crop, scale=scale,
                                    sample_id=sid, rotation_deg=rotation, fingerprint=fingerprint, frame_times=times))
-        if opts.max_clips_per_video and len(plan.clips) >= opts.max_clips_per_video:
-            break
-        start += span + opts.clip_gap
     return plan
 
 
@@ -354,5 +387,8 @@ def clip_intrinsics_to_source(K_clip: np.ndarray, plan: ClipPlan) -> np.ndarray:
 def describe_plan(plans: Sequence[VideoPlan]) -> str:
     n_clips = sum(len(p.clips) for p in plans)
     n_bad = sum(1 for p in plans if p.error)
-    return f"{len(plans)} videos -> {n_clips} clips" + (f" ({n_bad} videos without clips)" if n_bad else "")
+    from fwdata.textout import plural
+
+    return (f"{plural(len(plans), 'video')} -> {plural(n_clips, 'clip')}"
+            + (f" ({plural(n_bad, 'video')} without clips)" if n_bad else ""))
 

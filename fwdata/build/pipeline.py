@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fwdata import __version__, quality
-from fwdata.build.align import AlignError, AlignOptions, AlignResult, align_depth
+from fwdata.build.align import AlignError, AlignOptions, AlignResult, align_depth, check_agreement
 from fwdata.build.clips import (ClipOptions, ClipPlan, VideoPlan, clip_intrinsics_to_source, find_videos, geometry_size,
                                 load_clip, plan_video, scale_intrinsics_to_clip)
 from fwdata.dataset.contract import (
@@ -74,8 +74,9 @@ from fwdata.dataset.store import (
     write_sample,
 )
 from fwdata.dataset.video import X264_OPTIONS, VideoError, content_fingerprint, decode_problems
+from fwdata.presets import BUILD_PRESETS, find_preset
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "build"
+PRESET_DIR = BUILD_PRESETS.directory  # the packaged build presets (fwdata/presets/build)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -135,17 +136,8 @@ class ConfigError(ConfigFileError):
 
 
 def resolve_preset(preset: Union[str, Path, None]) -> Optional[Path]:
-    """A preset path, or a bare name looked up in pipelines/build/ (`fast` -> pipelines/build/fast.toml)."""
-    if preset is None:
-        return None
-    p = Path(preset)
-    if p.is_file():
-        return p
-    named = PRESET_DIR / f"{preset}.toml"
-    if named.is_file():
-        return named
-    raise ConfigError(f"build preset {preset}: no such file (named presets: "
-                      f"{', '.join(sorted(q.stem for q in PRESET_DIR.glob('*.toml'))) or 'none'})")
+    """A preset file, or a packaged preset by name (`fast` -> fwdata/presets/build/fast.toml); see fwdata.presets."""
+    return None if preset is None else find_preset(preset, BUILD_PRESETS, error=ConfigError)
 
 
 def load_config(preset: Union[str, Path, None] = None, overrides: Optional[dict[str, Any]] = None) -> BuildConfig:
@@ -266,6 +258,8 @@ def step_align(job: ClipJob) -> None:
         job.depth = dataclasses.replace(job.depth, values=values, valid=valid)
     job.aligned = align_depth(job.depth, job.sfm, job.config.align)
     job.depth = None  # the raw prediction is no longer needed
+    if not depth_model_info(job.config.depth).random_init:  # random weights carry no information to disagree with
+        check_agreement(job.aligned, job.config.align)
 
 
 def step_points(job: ClipJob) -> None:
@@ -519,10 +513,17 @@ def plan_inputs(inputs: Sequence[Union[str, Path]], clips: ClipOptions,
 
     Files inside `exclude` (the output dataset) are never inputs: `build same/ --out same/` must not
     build clips of its own clips."""
+    files, missing = input_videos(inputs, exclude)
+    return [plan_video(f, clips) for f in files], missing
+
+
+def input_videos(inputs: Sequence[Union[str, Path]], exclude: Optional[Path] = None) -> tuple[list[Path], list[str]]:
+    """The video files a build takes from `inputs` (files and folders), none inside `exclude` (the
+    output dataset), and the input paths that do not exist."""
     files, missing = find_videos(inputs)
     if exclude is not None:
         files = [f for f in files if not is_inside(f, exclude)]
-    return [plan_video(f, clips) for f in files], missing
+    return files, missing
 
 
 #: the clip options that decide which clips a dataset holds; a dataset is built with one set of them

@@ -65,16 +65,35 @@ def check_output_folder(root: Union[str, Path]) -> None:
     writable, whose own folders (videos/, depth/, points/, camera_params/, .fwdata/) do not lead
     outside it. Raises OSError with one line naming the problem."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise OSError(f"{root} exists and is not a folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create {root}: {e.strerror or e}") from None
+    check_writable_folder(root)
     for d in [*dataset_dirs(root), root / INTERNAL_DIR, root / MARKER_DIR]:
         if (d.is_symlink() or d.exists()) and not is_inside(d, root):
             raise OSError(f"{d} leads outside the dataset (a symlink to {os.path.realpath(d)}); a dataset's own "
                           f"folders must be inside it")
+
+
+def check_writable_folder(root: Union[str, Path], create: bool = True) -> None:
+    """Make sure `root` is a folder we can write into (created if missing), before any work: the one
+    check of every output folder (`fwdata build --out`, `fwdata synth OUT`, `fwmodel train --output`).
+    With `create=False` a missing `root` is left missing (a run refused later leaves nothing behind):
+    its nearest existing ancestor must be a writable folder.
+    Raises OSError with one line naming the problem (e.g. `out.txt exists and is not a folder`)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OSError(f"{root} exists and is not a folder")
+    if not create and not root.exists():
+        parent = root.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OSError(f"cannot create {root}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OSError(f"cannot create {root}: {parent} is not writable")
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create {root}: {e.strerror or e}") from None
     probe = tmp_name(root / ".write-test")
     try:
         probe.write_bytes(b"")

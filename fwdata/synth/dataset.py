@@ -41,6 +41,7 @@ from fwdata.dataset.layout import marker_path, tmp_name
 from fwdata.dataset.store import (
     SampleData,
     atomic_write_text,
+    check_output_folder,
     file_sha256,
     finished_records,
     is_finished,
@@ -155,9 +156,12 @@ def synthetic_sample(clip: "synth.SyntheticClip", opts: SynthOptions) -> tuple[S
     times = [i / clip.fps for i in range(T)]
     cams = CameraFile.from_arrays(w2c, clip.K, width=W, height=H, scale="metric",
                                   source_frames=list(range(T)), timestamps=times)
+    paths = sample_paths(sid)
+    if not opts.write_ply:  # without the fused cloud the record names none (as `fwdata build` does)
+        paths = paths.model_copy(update={"points_ply": None})
     record = SampleRecord(
         id=sid,
-        paths=sample_paths(sid),
+        paths=paths,
         num_frames=T,
         height=H,
         width=W,
@@ -179,8 +183,6 @@ def synthetic_sample(clip: "synth.SyntheticClip", opts: SynthOptions) -> tuple[S
         elif opts.effects.h264_crf is not None:
             truth["h264"] = {"crf": opts.effects.h264_crf}
         record = record.model_copy(update={
-            # without the fused cloud the record names none (as `fwdata build` does)
-            "paths": record.paths if opts.write_ply else record.paths.model_copy(update={"points_ply": None}),
             "notes": record.notes + _effect_notes(truth),
             "provenance": SampleProvenance(
                 tool_version=__version__,
@@ -197,10 +199,13 @@ def synthetic_sample(clip: "synth.SyntheticClip", opts: SynthOptions) -> tuple[S
 
 def write_synthetic_dataset(out: Path, opts: SynthOptions,
                             progress: Optional[Callable[[str], None]] = None) -> DatasetMetadata:
-    """Render `opts.num_scenes` clips into a dataset at `out`; finished clips are skipped on rerun."""
+    """Render `opts.num_scenes` clips into a dataset at `out`; finished clips are skipped on rerun.
+
+    Raises ValueError for bad options and OSError (one line) for an `out` that cannot be a dataset
+    folder (an existing file, not writable), both before anything is rendered."""
     check_options(opts)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)  # the build's check of --out: a file there is one line, before any work
     for seed, kind in clip_plan(opts):
         if is_finished(out, _clip_id(opts, seed, kind)):
             continue

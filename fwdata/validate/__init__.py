@@ -133,9 +133,13 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
         except gates.GateError as e:
             raise UsageError(str(e)) from None
     _check_overrides(config)
+    gates_name = str(opts.gates) if opts.gates else f"{config.name} (built-in)"
+    if opts.allow_random_init and not config.dataset.allow_random_init_models:
+        config = config.model_copy(update={"dataset": config.dataset.model_copy(
+            update={"allow_random_init_models": True})})
+        gates_name += " with --allow-random-init"
     overrides = dict(config.severity)
-    report = ValidationReport(dataset=str(root), gates=str(opts.gates) if opts.gates else f"{config.name} (built-in)",
-                              started=started)
+    report = ValidationReport(dataset=str(root), gates=gates_name, started=started)
     tally = CheckTally()
 
     meta_res = check_metadata(root, tally)
@@ -148,11 +152,12 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
     records = meta_res.records
     subset = bool(opts.samples)
     if subset:
-        known = {r.id for r in records}
-        unknown = [s for s in opts.samples if s not in known]
-        if unknown:
-            raise UsageError(f"unknown (or invalid) sample ids: {', '.join(unknown)}")
-        wanted = set(opts.samples)
+        from fwdata.textout import SampleIdError, resolve_sample_ids
+
+        try:  # whole ids, or unique prefixes such as the short ids `fwdata info` prints
+            wanted = set(resolve_sample_ids(opts.samples, [r.id for r in records]))
+        except SampleIdError as e:
+            raise UsageError(str(e)) from None
         records = [r for r in records if r.id in wanted]
 
     # per sample only a summary, its findings and the facts the dataset gates need are kept
@@ -191,7 +196,7 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
         for cid in _dataset_gates.check_ids:
             if cid != "gate.random_init_model":
                 tally.add_skipped(cid, "dataset gates need the whole dataset (--sample given)")
-        dataset_findings += tally.run(_random_init_gate, random_models)
+        dataset_findings += tally.run(_random_init_gate, random_models, config.dataset.allow_random_init_models)
     report.summary.samples_total = len(meta_res.raw_samples)
     return _finish(report, _apply_severity(dataset_findings, overrides) + sample_findings, summaries, tally,
                    overrides, fatal=False, t0=t0)
@@ -224,9 +229,11 @@ def _dataset_gates(facts: list[gates.SampleFacts], random_models: list[str],
 
 
 @emits("gate.random_init_model")
-def _random_init_gate(random_models: list[str]) -> list[Finding]:
-    """The one dataset gate that also applies to a subset of samples: data made by a random-init model."""
-    return [Finding(check="gate.random_init_model", severity=declared("gate.random_init_model").severity,
+def _random_init_gate(random_models: list[str], allowed: bool = False) -> list[Finding]:
+    """The one dataset gate that also applies to a subset of samples: data made by a random-init model
+    (a warning when the gates allow it)."""
+    severity = Severity.WARNING if allowed else declared("gate.random_init_model").severity
+    return [Finding(check="gate.random_init_model", severity=severity,
                     message=f"made with the randomly initialised {name}", file=METADATA_FILE)
             for name in random_models]
 

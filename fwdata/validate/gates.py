@@ -1,6 +1,7 @@
 """Quality gates: thresholds on per-sample metrics and dataset-level rules, loaded from TOML.
 
-A gate file (``pipelines/gates/*.toml``) is a `GateConfig`::
+A gate file (a TOML file, or a packaged one by name: ``fwdata/presets/gates/*.toml``, e.g. `strict`)
+is a `GateConfig`::
 
     name = "strict"
     [sample]                      # per-sample metric ranges; a missing bound is open
@@ -15,7 +16,7 @@ A gate file (``pipelines/gates/*.toml``) is a `GateConfig`::
     "schema.orphan_file" = "error"
 
 Every table and key is checked (unknown keys are errors), so a typo never silently disables a
-gate. `GateConfig()` (no file) is the built-in default and equals `pipelines/gates/default.toml`.
+gate. `GateConfig()` (no file) is the built-in default and equals the packaged `default` gate file.
 
 This module only knows metrics and thresholds; `fwdata.validate` computes the metrics, turns
 `GateFailure`s into findings and decides the exit code.
@@ -30,7 +31,9 @@ from typing import Iterable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fwdata.quality import MultiviewSettings
+from fwdata.presets import GATE_FILES, find_preset
 from fwdata.runtime import ConfigFileError, load_config_file
+from fwdata.textout import plural
 
 
 # --------------------------------------------------------------------------- metrics
@@ -206,12 +209,14 @@ class GateError(ConfigFileError):
 
 
 def load_gates(path: Union[str, Path, None]) -> GateConfig:
-    """Read a gate TOML file (None -> the built-in defaults). Raises GateError naming the file and key."""
+    """Read a gate TOML file, or a packaged one by name (`strict`; None -> the built-in defaults).
+    Raises GateError naming the file and key."""
     if path is None:
         return GateConfig()
+    path = find_preset(path, GATE_FILES, error=GateError)
     try:
-        return load_config_file(GateConfig, path, error=GateError, missing_hint="see pipelines/gates/ for examples",
-                                defaults={"name": Path(path).stem})
+        return load_config_file(GateConfig, path, error=GateError, missing_hint="`fwdata presets` lists the packaged "
+                                "gate files", defaults={"name": Path(path).stem})
     except RecursionError:  # tomllib recurses per nesting level
         raise GateError(f"{path}: not valid TOML (nested too deeply)") from None
 
@@ -310,7 +315,7 @@ def evaluate_dataset(samples: list[SampleFacts], random_init_models: list[str], 
     dups = find_duplicates(samples, g.duplicate_overlap)
     if len(dups) > g.max_duplicate_clips:
         for dup, orig, why in dups:
-            out.append(GateFailure("gate.duplicate_clips", f"duplicates {orig}: {why} ({len(dups)} duplicates, gate "
+            out.append(GateFailure("gate.duplicate_clips", f"duplicates {orig}: {why} ({plural(len(dups), 'duplicate')}, gate "
                                                            f"allows {g.max_duplicate_clips})", sample=dup))
     for split, need in g.min_split_sizes.items():
         have = sum(s.split == split for s in usable)
@@ -320,7 +325,10 @@ def evaluate_dataset(samples: list[SampleFacts], random_init_models: list[str], 
     for name in random_init_models:
         out.append(GateFailure("gate.random_init_model",
                                f"made with the randomly initialised {name}: its labels are not real "
-                               f"({'allowed' if g.allow_random_init_models else 'not allowed'} by this gate file)",
+                               + ("(allowed by the gates: for tests and demos only)" if g.allow_random_init_models
+                                  else "(not allowed; for tests and demos allow it with `fwdata validate "
+                                       "--allow-random-init` or dataset.allow_random_init_models = true in the gate "
+                                       "file)"),
                                severity="warning" if g.allow_random_init_models else None))
     splits_of: dict[str, set[str]] = {}
     for s in samples:

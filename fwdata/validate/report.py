@@ -20,6 +20,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from fwdata.textout import paragraph, plural
 from fwdata.validate import Severity, UsageError, ValidateOptions, ValidationReport, check_path_option, validate_dataset
 
 
@@ -38,8 +39,9 @@ def summary_line(report: ValidationReport) -> str:
     verdict = "PASS" if report.exit_code == 0 else ("UNREADABLE" if report.exit_code == 2 else "FAIL")
     failed = sum(c.outcome == "failed" for c in report.checks)
     ran = sum(c.outcome != "skipped" and c.outcome != "off" for c in report.checks)
-    return (f"{verdict}: {s.errors} errors, {s.warnings} warnings; {failed} of {ran} checks failed; "
-            f"{s.samples_passed}/{s.samples_checked} samples pass (of {s.samples_total}); gates {report.gates}; "
+    return (f"{verdict}: {plural(s.errors, 'error')}, {plural(s.warnings, 'warning')}; {failed} of "
+            f"{plural(ran, 'check')} failed; {s.samples_passed}/{plural(s.samples_checked, 'sample')} pass "
+            f"(of {s.samples_total}); gates {report.gates}; "
             f"{report.duration_s:.1f} s; exit {report.exit_code}")
 
 
@@ -68,14 +70,19 @@ def render_table(report: ValidationReport, console: Console, verbose: bool = Fal
     if table.row_count:
         console.print(table)
     if report.findings:
-        ft = Table(title="findings", title_justify="left")
-        for col in ("severity", "check", "where", "message"):
-            ft.add_column(col, overflow="fold")
         order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
         shown = sorted(report.findings, key=lambda f: order[f.severity])[:max_findings]
-        for f in shown:
-            ft.add_row(f"[{_SEV_STYLE[f.severity]}]{f.severity.value}[/]", f.check, _where(f), f.message)
-        console.print(ft)
+        if console.width >= WIDE_FINDINGS:
+            ft = Table(title="findings", title_justify="left")
+            for col in ("severity", "check", "where", "message"):
+                ft.add_column(col, overflow="fold")
+            for f in shown:
+                ft.add_row(f"[{_SEV_STYLE[f.severity]}]{f.severity.value}[/]", f.check, _where(f), f.message)
+            console.print(ft)
+        else:  # a narrow terminal: one paragraph per finding, continuation lines indented
+            console.print("findings", style="italic", highlight=False)
+            for f in shown:
+                console.print(_finding_paragraph(f, console.width), highlight=False, soft_wrap=True)
         if len(report.findings) > max_findings:
             console.print(f"... and {len(report.findings) - max_findings} more findings (use --format json)")
     style = "bold green" if report.exit_code == 0 else "bold red"
@@ -139,6 +146,21 @@ def to_junit(report: ValidationReport) -> str:
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+#: terminals at least this wide show the findings as a table; narrower ones one paragraph each
+WIDE_FINDINGS = 120
+
+
+def _finding_paragraph(f, width: int):
+    """`severity check: where: message` wrapped to `width` (the place left out when the message names it)."""
+    from rich.text import Text
+
+    where = " ".join(x for x in (f.sample, f.file) if x and x not in f.message)
+    body = f"{f.severity.value} {f.check}: " + (f"{where}: " if where else "") + f.message
+    text = Text(paragraph(body, width))
+    text.stylize(_SEV_STYLE[f.severity], 0, len(f.severity.value))
+    return text
+
+
 def _where(f) -> str:
     """The file (which names the sample), or sample and file when the file does not name it."""
     if f.file and f.sample and f.sample in f.file:
@@ -163,11 +185,13 @@ def render(report: ValidationReport, fmt: ReportFormat) -> str:
 
 
 def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.table, output: Optional[Path] = None,
-                        quiet: bool = False, console: Optional[Console] = None) -> int:
+                        quiet: bool = False, console: Optional[Console] = None, html: Optional[Path] = None) -> int:
     """What `fwdata validate` does: validate with progress, print or write the report; returns the exit code.
 
     Without `output` the report in `fmt` goes to stdout. With `output` it is written to that file
-    and (unless `quiet`) the table is printed as well. Raises fwdata.validate.UsageError for bad options.
+    instead, and stdout gets one line: the summary line and where the report is (with `quiet`, the
+    summary line only on failure). With `html`, also the picture report of `fwdata report` (fwdata.report,
+    without a truth) into that folder, made from this validation. Raises fwdata.validate.UsageError for bad options.
     """
     console = console or Console()
     err = Console(stderr=True)
@@ -177,6 +201,13 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
         root, out = Path(opts.dataset).resolve(), output.resolve()
         if out == root or root in out.parents:
             raise UsageError(f"--output {output} is inside the dataset; validation never writes into it")
+    if html is not None:
+        from fwdata.report import ReportError, check_out
+
+        try:
+            check_out(html, opts.dataset)
+        except ReportError as e:
+            raise UsageError(str(e).replace("--out ", "--html ", 1)) from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -187,6 +218,16 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
             progress.update(task, completed=done, total=total, description=sample_id)
 
         report = validate_dataset(opts, progress=on_sample)
+    if html is not None and report.exit_code != 2:  # an unreadable dataset has nothing to draw
+        from fwdata.report import ReportError, ReportOptions, write_report
+
+        try:
+            page = write_report(ReportOptions(dataset=opts.dataset, out=html, samples=list(opts.samples)),
+                                validation=report).index
+        except ReportError as e:
+            raise UsageError(str(e)) from None
+        if not quiet:
+            err.print(f"picture report in {page}", highlight=False, soft_wrap=True)
     if output is not None:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +235,7 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
         except OSError as e:
             raise UsageError(f"--output {output}: cannot write the report ({e.strerror or e})") from None
         if not quiet:
-            render_table(report, console)
-            console.print(f"report written to {output}", highlight=False)
+            console.print(f"{summary_line(report)}; report in {output}", highlight=False, soft_wrap=True)
         elif report.exit_code:
             console.print(summary_line(report), highlight=False, soft_wrap=True)
     elif fmt == ReportFormat.table:

@@ -91,10 +91,13 @@ class ValidateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Path
-    gates: Optional[Path] = Field(None, description="gate TOML file; None = built-in defaults (default.toml)")
+    gates: Optional[Path] = Field(None, description="gate TOML file or packaged name (strict); None = built-in defaults")
     workers: int = Field(1, ge=0, le=256, description="processes checking samples in parallel; 0 = in this process "
                                                          "(no isolation from decoder crashes)")
     samples: list[str] = Field(default_factory=list, description="check only these sample ids (dataset gates skipped)")
+    allow_random_init: bool = Field(False, description="accept data made with randomly initialised models (tests, "
+                                                       "demos) as the gate file's dataset.allow_random_init_models "
+                                                       "= true does: flagged as a warning, not an error")
 
 
 class UsageError(ValueError):

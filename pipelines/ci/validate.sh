@@ -4,7 +4,8 @@
 #   pipelines/ci/validate.sh DATASET [GATES] [REPORT_DIR]
 #
 # DATASET     dataset folder (holds metadata.json)
-# GATES       gate file (default: pipelines/gates/default.toml; use strict.toml before training runs)
+# GATES       gate file: a TOML file or a packaged name (default: default; use strict before training
+#             runs; `fwdata presets` lists them)
 # REPORT_DIR  where validate.xml (JUnit) is written (default: reports)
 # Environment: FWDATA (the fwdata executable, default `fwdata`), WORKERS (default: all CPUs).
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 DATASET=${1:?usage: validate.sh DATASET [GATES] [REPORT_DIR]}
-GATES=${2:-pipelines/gates/default.toml}
+GATES=${2:-default}
 REPORTS=${3:-reports}
 FWDATA=${FWDATA:-fwdata}
 WORKERS=${WORKERS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}

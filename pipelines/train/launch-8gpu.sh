@@ -18,4 +18,4 @@ EXTRA=()
 if [ "$STAGE" = 2 ] && [ -n "${STAGE1_CHECKPOINT:-}" ]; then EXTRA+=(--init-from "$STAGE1_CHECKPOINT"); fi
 
 torchrun --standalone --nproc_per_node "${NPROC:-8}" -m fwmodel.cli train \
-    --stage "$STAGE" --config "pipelines/train/stage${STAGE}.toml" --data "$DATASET" "${EXTRA[@]}" "$@"
+    --stage "$STAGE" --config "stage${STAGE}" --data "$DATASET" "${EXTRA[@]}" "$@"

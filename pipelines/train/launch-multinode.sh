@@ -18,5 +18,5 @@ if [ "$STAGE" = 2 ] && [ -n "${STAGE1_CHECKPOINT:-}" ]; then EXTRA+=(--init-from
 
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "${NPROC_PER_NODE:-8}" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "fw-stage${STAGE}" \
-    -m fwmodel.cli train --stage "$STAGE" --config "pipelines/train/stage${STAGE}.toml" --data "$DATASET" \
+    -m fwmodel.cli train --stage "$STAGE" --config "stage${STAGE}" --data "$DATASET" \
     "${EXTRA[@]}" "$@"

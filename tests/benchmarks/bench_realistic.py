@@ -158,6 +158,7 @@ def realistic_rows(args, work: Path) -> list[dict]:
     from fwdata.synth.dataset import realistic_options, write_synthetic_dataset
 
     H, W = (int(x) for x in args.size.split("x"))
+    CH, CW = (int(x) for x in (args.clip_size or args.size).split("x"))
     rows = []
     for seed in args.seeds:
         gt = work / f"gt_{seed}_{args.frames}_{H}x{W}"
@@ -175,7 +176,7 @@ def realistic_rows(args, work: Path) -> list[dict]:
             frames = read_frames(gt / s.paths.video, range(s.num_frames))
             plain = plain_recipe(frames)
             rows.append(_row(name, "plain", plain, gt_w2c, f_gt, k1_gt, s.num_frames))
-            ours = run_ours(gt / s.paths.video, work / "prior", s.num_frames, H, W, work / "ours")
+            ours = run_ours(gt / s.paths.video, work / "prior", s.num_frames, CH, CW, work / "ours")
             row = _row(name, "ours", ours, gt_w2c, f_gt, k1_gt, s.num_frames)
             if ours.get("outcome") == "written":
                 from fwdata.compare import compare_datasets
@@ -225,7 +226,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--kinds", nargs="+", default=["orbit", "forward", "pan", "rotate"])
     ap.add_argument("--frames", type=int, default=49)
-    ap.add_argument("--size", default="192x336")
+    ap.add_argument("--size", default="192x336", help="rendered source size HxW (the plain recipe runs on it)")
+    ap.add_argument("--clip-size", default=None, help="size HxW of the clips ours builds (default: --size); "
+                                                       "features are found at the source size")
     ap.add_argument("--real", action="store_true", help="also the TUM clips of ../shared/data/real")
     ap.add_argument("--no-renders", action="store_true", help="only the real clips")
     args = ap.parse_args()

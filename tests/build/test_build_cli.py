@@ -17,7 +17,7 @@ def test_random_tiny_build_from_the_command_line(inputs, tmp_path):
                         "--stride", "2", "--no-ply"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     text = " ".join(r.stdout.split())
-    assert "1 samples" in text and "not real" in text
+    assert "1 sample (17 frames" in text and "not real" in text
     meta = load_metadata(out)
     (rec,) = meta.samples
     assert rec.num_frames == 17 and rec.source.stride == 2 and rec.fps == 8.0

@@ -4,12 +4,14 @@ The inputs are `fwdata synth --preset realistic` clips (`fwdata.synth.effects.RE
 tangential lens distortion, sensor noise, motion blur, exposure and white-balance drift, H.264 at
 0.2 bits per pixel, two path poses per frame, two nearly uniform walls, a moving sphere) rendered at
 SRC_H x SRC_W and built into OUT_H x OUT_W clips, so the cameras come from features found at the
-source resolution (`sfm.max_image_size`) and are mapped onto the smaller clip. Depth comes from
+source resolution (`sfm.max_image_size`) and are mapped onto the smaller clip: real sources (phone
+and web video, 720p-1080p) always have more pixels than a 192x336 training clip, and at 0.2 bits
+per pixel the H.264 of a source only as large as the clip biases the focal by ~3 % (docs/BUILD.md). Depth comes from
 `--depth-prior` as a network would give it: the ground truth seen through the lens (the video's own
 pixel grid), inverse, with an unknown scale and shift and 1 % noise.
 
-Targets: on orbit, forward and pan every frame registered, ATE <= 1 % of the extent, focal within
-5 % (the issue asks for 2 %: not met, see the test), the lens's radial curve within 1.5 px; the written clip, depth and cameras are pinhole (depth matches the
+Targets (issue 12): on orbit, forward and pan every frame registered, ATE <= 1 % of the extent, focal
+within 2 %, k1 within 0.03 and the lens's radial curve within 1.5 px; the written clip, depth and cameras are pinhole (depth matches the
 pinhole truth); the rotation-dominant path is right (focal within 2 %, ATE <= 2 %) or refused with a
 reason; a build given a deliberately wrong focal is refused by the default gate.
 """
@@ -34,7 +36,7 @@ from fwdata.validate.results import ValidateOptions
 from conftest import _once, write_prior
 
 T = 33
-SRC_H, SRC_W = 192, 336
+SRC_H, SRC_W = 288, 512
 OUT_H, OUT_W = 192, 336
 KINDS = ("orbit", "forward", "pan", "rotate")
 OVERRIDES = {"workers": 2, "write_ply": False, "sfm": {"num_threads": 1},
@@ -94,13 +96,11 @@ def test_realistic_cameras_are_right(realistic, by_kind, kind):
     assert row["frames"] == T and row["registered_pct"] == 100.0
     assert built.quality.registered_ratio == 1.0
     assert row["ate_pct"] <= 1.0, f"{kind}: ATE {row['ate_pct']:.2f} % of the extent"
-    # issue 12 asks for 2 %; measured here +0.5 % (orbit), +3.3 % (forward), +2.9 % (pan): the H.264 of the
-    # realistic preset biases the focal (docs/BUILD.md). 5 % is the issue's bar for any written clip.
-    assert abs(row["focal_err_pct"]) <= 5.0, f"{kind}: focal off by {row['focal_err_pct']:+.2f} %"
+    assert abs(row["focal_err_pct"]) <= 2.0, f"{kind}: focal off by {row['focal_err_pct']:+.2f} %"
     lens = lens_from_dict(truth.provenance.options["ground_truth"]["lens"])
     cam = built.source.camera
     assert cam is not None and cam.estimated and cam.model == "RADIAL"
-    assert abs(cam.k1 - lens.k1) <= 0.08, f"{kind}: k1 {cam.k1:.3f}, truth {lens.k1:.3f}"
+    assert abs(cam.k1 - lens.k1) <= 0.03, f"{kind}: k1 {cam.k1:.3f}, truth {lens.k1:.3f}"
     assert _radial_curve_px(cam, lens, truth.width) <= 1.5, f"{kind}: lens curve off (k1 {cam.k1:.3f} k2 {cam.k2:.3f})"
     # the recorded uncertainty is a real number and the hypotheses agreed
     assert 0 < built.quality.focal_uncertainty <= 0.02
@@ -124,8 +124,8 @@ def test_written_clip_is_pinhole(realistic, by_kind, kind):
 
 def test_rotation_dominant_path_is_right_or_refused(by_kind):
     built, _, row, fail = by_kind["rotate"]
-    if built is None:
-        assert fail is not None and fail["stage"] == "sfm" and fail["reason"], fail
+    if built is None:  # refused by the camera stage (ambiguous focal) or because depth and cameras disagree
+        assert fail is not None and fail["stage"] in ("sfm", "align") and fail["reason"], fail
         return
     assert row["ate_pct"] <= 2.0 and abs(row["focal_err_pct"]) <= 2.0, (
         f"rotate written with ATE {row['ate_pct']:.2f} %, focal {row['focal_err_pct']:+.2f} %")

@@ -300,5 +300,5 @@ def test_info_on_an_interrupted_build_says_how_to_finish_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fwdata.cli", "info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
     message = " ".join(r.stderr.split())
-    assert "unfinished build (1 clips finished" in message and "fwdata build" in message
+    assert "unfinished build (1 clip finished" in message and "fwdata build" in message
 

@@ -196,7 +196,7 @@ def _train_accepts(weights: str, preset: str) -> bool:
     """What `fwmodel train` does with model.wan_weights: build_model, refusing with BackboneWeightsError."""
     from fwmodel.train import Dist, RunLogger, build_model, load_config
 
-    recipe = Path(__file__).resolve().parents[2] / "pipelines/train/tiny-stage1.toml"
+    recipe = Path(__file__).resolve().parents[2] / "fwmodel/recipes/tiny-stage1.toml"
     cfg = load_config(recipe, {"model.wan_weights": weights, "model.preset": preset})
     try:
         build_model(cfg, torch.device("cpu"), RunLogger(Dist(), quiet=True, echo=lambda m: None))
@@ -230,7 +230,7 @@ def test_doctor_command_reports_the_weights_row(weight_candidates, tmp_path):
         weights, preset, _ = weight_candidates[case]
         r = runner.invoke(app, ["doctor", "--output", str(tmp_path), "--min-free-gb", "0", "--weights", weights,
                                 "--preset", preset])
-        problems = [line for line in r.output.splitlines() if line.startswith("PROBLEM wan2.1 weights")]
+        problems = [line for line in r.output.replace("\n  ", " ").splitlines() if line.startswith("PROBLEM wan2.1 weights")]
         assert (not problems) == accepted, (case, r.output)
         if not accepted:
             assert r.exit_code == 1 and "scale_shift_table" in problems[0]

@@ -75,3 +75,31 @@ def test_cli_rejects_bad_options(tmp_path):
     assert r.exit_code == 2 and "4k+1" in r.output
     r = runner.invoke(app, ["synth", str(tmp_path), "--paths", "spiral"])
     assert r.exit_code == 2 and "unknown camera path kinds" in r.output
+
+
+def test_no_ply_lists_no_ply_and_validates(tmp_path):
+    """`synth --no-ply` writes no .ply and its records name none (the contract's points_ply is optional),
+    so validate's schema checks pass; a record that names a .ply the dataset lacks still fails."""
+    import json
+
+    runner = CliRunner()
+    ds = tmp_path / "ds"
+    r = runner.invoke(app, ["synth", str(ds), "--scenes", "1", "--frames", "9", "--height", "64", "--width", "96",
+                            "--paths", "orbit", "--no-ply", "-q"])
+    assert r.exit_code == 0, r.output
+    assert not list(ds.rglob("*.ply"))
+    rec = load_metadata(ds).samples[0]
+    assert rec.paths.points_ply is None and not any(p.endswith(".ply") for p in rec.paths.all())
+    v = runner.invoke(app, ["validate", str(ds), "--format", "json", "-j", "0"])
+    report = json.loads(v.stdout)
+    assert not [f for f in report["findings"] if f["check"].startswith("schema.")], report["findings"]
+    assert v.exit_code == 0, v.output
+
+    raw = json.loads((ds / "metadata.json").read_text())
+    listed = f"points/{rec.id}.ply"
+    raw["samples"][0]["paths"]["points_ply"] = listed
+    (ds / "metadata.json").write_text(json.dumps(raw, indent=1))
+    v = runner.invoke(app, ["validate", str(ds), "--format", "json", "-j", "0"])
+    assert v.exit_code == 1
+    assert [(f["check"], f["file"]) for f in json.loads(v.stdout)["findings"]
+            if f["check"].startswith("schema.")] == [("schema.missing_file", listed)]

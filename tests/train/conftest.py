@@ -14,8 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-TINY1 = REPO / "pipelines/train/tiny-stage1.toml"
-TINY2 = REPO / "pipelines/train/tiny-stage2.toml"
+TINY1 = REPO / "fwmodel/recipes/tiny-stage1.toml"
+TINY2 = REPO / "fwmodel/recipes/tiny-stage2.toml"
 # Smaller clips than the tiny recipe (16x32) for the long overfit runs.
 OVERFIT = {"data.height": 16, "data.width": 32}
 
@@ -78,7 +78,7 @@ def make_config():
 
 @pytest.fixture(scope="session")
 def recipes() -> dict:
-    return {1: TINY1, 2: TINY2, "dir": REPO / "pipelines/train"}
+    return {1: TINY1, 2: TINY2, "dir": REPO / "fwmodel/recipes"}
 
 
 def read_metrics(output: Path) -> list[dict]:

@@ -56,7 +56,7 @@ def test_kill_and_resume_matches_uninterrupted(dataset, stage1_checkpoint, make_
 def _recipe(stage):
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[2] / f"pipelines/train/tiny-stage{stage}.toml"
+    return Path(__file__).resolve().parents[2] / f"fwmodel/recipes/tiny-stage{stage}.toml"
 
 
 def test_resume_refuses_a_changed_config(dataset, make_config, tmp_path):

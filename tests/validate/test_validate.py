@@ -512,8 +512,8 @@ def test_sample_subset(ds):
 
 
 def test_gate_files():
-    assert load_gates(REPO / "pipelines/gates/default.toml") == GateConfig()
-    strict = load_gates(REPO / "pipelines/gates/strict.toml")
+    assert load_gates(REPO / "fwdata/presets/gates/default.toml") == GateConfig()
+    strict = load_gates(REPO / "fwdata/presets/gates/strict.toml")
     assert strict.sample["registered_ratio"].min == 0.995 and strict.dataset.min_pass_fraction == 1.0
     assert set(strict.severity) <= set(REGISTRY)
 
@@ -741,7 +741,7 @@ def test_ci_script(clean_dataset, tmp_path):
     env = {**os.environ, "FWDATA": str(REPO / ".venv/bin/fwdata"), "WORKERS": "0"}
     if not Path(env["FWDATA"]).exists():
         env["FWDATA"] = "fwdata"
-    res = subprocess.run([str(REPO / "pipelines/ci/validate.sh"), str(clean_dataset), str(REPO / "pipelines/gates/default.toml"),
+    res = subprocess.run([str(REPO / "pipelines/ci/validate.sh"), str(clean_dataset), "default",
                           str(tmp_path / "reports")], capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     root = ET.parse(tmp_path / "reports" / "validate.xml").getroot()
