@@ -26,6 +26,7 @@ from fwdata.dataset.contract import (
     read_camera_json,
     resolve_inside,
 )
+from fwdata.dataset.store import is_inside
 from fwdata.textout import SampleIdError, plural, resolve_sample_ids
 
 #: image formats of the extracted frames (PIL writes both; PNG is lossless against the decoded clip)
@@ -84,9 +85,7 @@ def check_out(out: Union[str, Path], dataset: Union[str, Path]) -> Path:
     out, dataset = Path(out), Path(dataset)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder to write the export to")
-    root = dataset.resolve()
-    target = out.resolve()
-    if target == root or root in target.parents:
+    if is_inside(out, dataset):
         raise ExportError(f"--out {out} is inside the dataset {dataset}; exports never write into a dataset, "
                           f"give a folder outside it")
     try:
@@ -166,9 +165,7 @@ def point_subsample(depth: np.ndarray, valid: np.ndarray, cameras: CameraFile, f
         if len(vv) == 0:
             continue
         pix = np.stack([uu + 0.5, vv + 0.5], axis=-1).astype(np.float64)
-        rays = np.concatenate([pix, np.ones((len(pix), 1))], axis=-1) @ np.linalg.inv(K[f]).T
-        cam_pts = rays * depth[f][vv, uu].astype(np.float64)[:, None]
-        xyz.append(camera.transform_points(c2w[f], cam_pts))
+        xyz.append(camera.unproject_depth(depth[f], K[f], c2w[f])[vv, uu])  # the point maps' own maths
         rgb.append(frames[f][vv, uu])
         fidx.append(np.full(len(vv), f, dtype=np.int64))
         uv.append(pix)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fwdata.dataset.contract import METADATA_FILE, ContractError, DatasetMetadata, load_metadata
+from fwdata.dataset.store import is_inside
 
 __all__ = ["ReportError", "ReportOptions", "ReportResult", "write_report"]
 
@@ -67,8 +68,7 @@ def check_out(out: Path, dataset: Path) -> None:
     """ReportError when `out` is a file, or the dataset or a folder inside it."""
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder for the report")
-    root, o = Path(dataset).resolve(), Path(out).resolve()
-    if o == root or root in o.parents:
+    if is_inside(out, dataset):
         raise ReportError(f"--out {out} is inside the dataset; the report never writes into it")
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from fwdata.dataset.store import is_inside
 from fwdata.textout import paragraph, plural
 from fwdata.validate import Severity, UsageError, ValidateOptions, ValidationReport, check_path_option, validate_dataset
 
@@ -198,8 +199,7 @@ def validate_and_report(opts: ValidateOptions, fmt: ReportFormat = ReportFormat.
     if output is not None:
         check_path_option("--output", output)
         check_path_option("dataset folder", opts.dataset)
-        root, out = Path(opts.dataset).resolve(), output.resolve()
-        if out == root or root in out.parents:
+        if is_inside(output, opts.dataset):
             raise UsageError(f"--output {output} is inside the dataset; validation never writes into it")
     if html is not None:
         from fwdata.report import ReportError, check_out
