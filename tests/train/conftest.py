@@ -90,3 +90,16 @@ def read_metrics(output: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def metrics_of():
     return read_metrics
+
+
+@pytest.fixture(scope="session")
+def stage2_checkpoint(tmp_path_factory, dataset, stage1_checkpoint) -> Path:
+    """A Stage-2 checkpoint of the tiny recipe (2 steps from the Stage-1 one)."""
+    from fwmodel.train import train
+
+    out = tmp_path_factory.mktemp("stage2")
+    torch.set_num_threads(1)
+    cfg = tiny_config(2, dataset, out, train__num_steps=2, train__checkpoint_every=2,
+                      model__init_from=str(stage1_checkpoint))
+    train(cfg, quiet=True)
+    return out / "step-2.safetensors"
