@@ -187,7 +187,8 @@ def print_dataset_summary(dataset: Path, meta, wide: bool = False) -> None:
 @app.command()
 def validate(
     # paths as text, checked by validate itself: a NUL byte or an over-long path is a one-line error
-    dataset: str = typer.Argument(..., metavar="DATASET", help="Dataset folder (holds metadata.json)."),
+    dataset: str = typer.Argument(..., metavar="DATASET", help="Dataset folder (holds metadata.json), or a shard "
+                                                               "folder of `fwdata shard` (holds shards.json)."),
     gates: Optional[str] = typer.Option(None, "--gates", "-g", metavar="<path>",
                                         help="Gates: a TOML file or a packaged name, e.g. strict "
                                              "(default: the built-in gates = default; `fwdata presets` lists them)."),
@@ -210,6 +211,9 @@ def validate(
 ) -> None:
     """Check a dataset: schema, file integrity, cross-consistency and quality gates. Never modifies it.
 
+    On a shard folder (`fwdata shard`) the same per-sample checks run on samples streamed from the tars
+    (nothing unpacked), plus the shard checks: index, manifest, checksums, every sample exactly once.
+
     Exit codes: 0 pass, 1 a check or gate failed, 2 bad options or unreadable dataset. See docs/VALIDATE.md.
     """
     from fwdata.validate.report import ReportFormat, validate_and_report
@@ -221,6 +225,12 @@ def validate(
         for what, path in (("dataset folder", dataset), ("gate file", gates), ("--output", output), ("--html", html)):
             if path is not None:
                 check_path_option(what, path)
+        if html is not None:
+            from fwdata.shards import is_shard_folder
+
+            if is_shard_folder(dataset):
+                fail(f"--html draws a dataset folder; {dataset} is a shard folder (run `fwdata report` on the "
+                     f"dataset it was made from)")
         code = validate_and_report(ValidateOptions(dataset=Path(dataset), gates=Path(gates) if gates else None,
                                                    workers=workers, samples=sample or [],
                                                    allow_random_init=allow_random_init),
@@ -229,6 +239,58 @@ def validate(
     except UsageError as e:
         fail(str(e))
     raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- shard
+
+
+@app.command()
+def shard(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holds metadata.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Shard folder to write (created; complete shards of an earlier "
+                                                      "run whose samples are unchanged are kept)."),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", "-n", min=1,
+                                                    help="Samples per shard."),
+    shard_size: Optional[str] = typer.Option(None, "--shard-size", help="Largest shard, e.g. 1GB, 500MB, 2GiB "
+                                                                        "(default 1GB unless --samples-per-shard)."),
+    split: str = typer.Option("all", "--split", help="Shard only this split: train, val, test or all."),
+    no_ply: bool = typer.Option(False, "--no-ply", help="Leave the fused .ply clouds out of the shards."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary."),
+) -> None:
+    """Write a dataset as WebDataset tar shards, a Parquet manifest (one row per sample) and shards.json.
+
+    One WebDataset sample per dataset sample, in metadata order, keyed %08d (its manifest index); its
+    members are the dataset's files byte for byte plus record.json. Every file is written atomically,
+    shards.json last; the same dataset gives the same bytes. Rerun after the dataset grew: unchanged
+    complete shards are kept and new samples go into new shards. See docs/DATA_FORMAT.md, "Shards".
+
+    Exit codes: 0 written, 2 bad options, missing or unreadable dataset, unwritable --out.
+    """
+    from pydantic import ValidationError
+
+    from fwdata.dataset.store import DatasetBusy
+    from fwdata.shards.writer import ShardConfig, ShardError, write_shards
+
+    try:
+        cfg = ShardConfig(dataset=dataset, out=out, samples_per_shard=samples_per_shard, shard_size=shard_size,
+                          split=split, ply=not no_ply)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = {"shard_size": "--shard-size", "split": "--split"}.get(str(err["loc"][0]) if err["loc"] else "", "")
+        fail(f"{where + ': ' if where else ''}{err['msg']}".replace("Value error, ", ""))
+    from rich.progress import Progress
+
+    try:
+        with Progress(console=console, disable=quiet, transient=True) as progress:
+            task = progress.add_task("sharding", total=None)
+            res = write_shards(cfg, progress=lambda name, done, total: progress.update(task, completed=done,
+                                                                                       total=total))
+    except (ShardError, ContractError, DatasetBusy, OSError) as e:
+        fail(str(e))
+    index = res.index
+    console.print(f"{plural(index.num_samples, 'sample')} in {plural(len(index.shards), 'shard')} at {out} "
+                  f"({len(res.written)} written, {len(res.reused)} kept"
+                  + (f", {len(res.removed)} removed" if res.removed else "") + ")", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- compare
@@ -398,6 +460,12 @@ def build(
                                           help="CPU threads per clip (default 1). The results depend on it; 1 gives "
                                                "bit-identical datasets on every run."),
     device: Optional[str] = typer.Option(None, help="Depth model device: auto, cpu, cuda, cuda:1 ..."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Where clips run: local (processes on this "
+                                                                    "machine, --workers) or ray (tasks on a Ray "
+                                                                    "cluster). Never changes the results."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster for --executor ray: auto, "
+                                                                          "HOST:PORT or ray://HOST:PORT (default: "
+                                                                          "RAY_ADDRESS, else a local instance)."),
     no_ply: bool = typer.Option(False, "--no-ply", help="Skip the fused .ply clouds."),
     force: bool = typer.Option(False, "--force", help="Redo clips that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the summary."),
@@ -419,7 +487,7 @@ def build(
         frames=frames, height=height, width=width, stride=stride, fps=fps, max_clips=max_clips, depth_model=depth_model,
         depth_prior=depth_prior, device=device, mapper=mapper, loop_detection=loop_detection, workers=workers,
         threads=threads, write_ply=False if no_ply else None, verbose=True if verbose else None, intrinsics=k,
-        distortion=dist)
+        distortion=dist, executor=executor, ray_address=ray_address)
     raise typer.Exit(run_build_command(videos, out, config, overrides, force, quiet, console, err_console))
 
 

@@ -159,9 +159,8 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
     if not both.any():
         out.note = "depth not compared: no pixel is valid in both"
         return out
-    ratio = d[both] / d_gt[both]
-    out.depth_absrel_pct = 100 * float(np.mean(np.abs(ratio - 1.0)))
-    out.delta1_pct = 100 * float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25))
+    absrel, delta1 = depth_errors(d[both], d_gt[both])
+    out.depth_absrel_pct, out.delta1_pct = 100 * absrel, 100 * delta1
     points = load_npz(resolve_inside(built_root, record.paths.points), POINTS_NPZ, record.dims)
     gt_points = load_npz(resolve_inside(truth_root, truth.paths.points), POINTS_NPZ, truth.dims)
     gt_pts, gt_pv = gt_points["points"][ti][:, rows, cols], gt_points["valid"][ti][:, rows, cols]
@@ -171,6 +170,19 @@ def compare_sample(built_root: Path, record: SampleRecord, truth_root: Path, tru
         err = np.linalg.norm(p - gt_pts[pv].astype(np.float64), axis=1)
         out.point_err_pct = 100 * float(np.mean(err / d_gt[pv]))
     return out
+
+
+def depth_errors(depth: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(AbsRel, delta1) of depth values against truth values, as fractions (not percent).
+
+    `depth`, `truth`: arrays of one shape (the pixels to compare, already on one scale), truth > 0.
+    AbsRel = mean |d - d*| / d*; delta1 = share of values with max(d/d*, d*/d) < 1.25 (a non-positive d
+    is never within). Shared by `fwdata compare` and `fwmodel eval` (fwmodel.evaluate).
+    """
+    ratio = np.asarray(depth, dtype=np.float64) / np.asarray(truth, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        within = (ratio > 0) & (np.maximum(ratio, 1.0 / ratio) < 1.25)
+    return float(np.mean(np.abs(ratio - 1.0))), float(np.mean(within))
 
 
 def _source_fx(cams: CameraFile, record: SampleRecord) -> np.ndarray:

@@ -200,6 +200,15 @@ class VideoEncoder:
         posterior = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
         return (posterior.mode().float() - self.mean) / self.std
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, 16, S, H/8, W/8] (as __call__ returns) -> video [B, 3, T, H, W] in [-1, 1], float32.
+
+        Un-normalises with the VAE's latents_mean / latents_std (z = latents * std + mean), as Wan's pipelines do."""
+        z = latents.to(self.device, torch.float32) * self.std.to(self.device) + self.mean.to(self.device)
+        video = self.vae.decode(z.to(self.dtype), return_dict=False)[0]
+        return video.float().clamp(-1.0, 1.0)
+
     def provenance(self) -> dict:
         info = {
             "path": str(self.dir),

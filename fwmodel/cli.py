@@ -90,10 +90,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fwmodel.backbone import BackboneWeightsError
     from fwmodel.checkpoint import CheckpointError
     from fwmodel.data import DataError
+    from fwmodel.evaluate import EvalError
+    from fwmodel.generate import GenerateError
+    from fwmodel.inference import InferenceError
+    from fwmodel.trajectories import TrajectoryError
     from fwmodel.memory import MemoryPreflightError
     from fwmodel.train import ConfigError, ResumeError
 
-    return (BackboneWeightsError, CheckpointError, DataError, MemoryPreflightError, ConfigError, ResumeError)
+    return (BackboneWeightsError, CheckpointError, DataError, MemoryPreflightError, ConfigError, ResumeError,
+            EvalError, InferenceError, GenerateError, TrajectoryError)
 
 
 def _stage_config(config: Optional[Path], stage: int):
@@ -156,7 +161,8 @@ def train(
         None, "--config", "-c", help="Training recipe: a TOML file or a packaged name (stage1, stage2, tiny-stage1, "
         "tiny-stage2; `fwmodel recipes` lists them)."
     ),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (metadata.json); sets data.root."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (metadata.json), or WebDataset shards "
+                                        "(a folder or URL with shards.json, `fwdata shard`); sets data.root."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Output folder (default outputs/fantasy_world_stage<N>)."
     ),
@@ -337,6 +343,114 @@ def bench(
     typer.echo(result.model_dump_json(indent=2) if format == "json" else render(result))
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A training run folder (the --output of `fwmodel train`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the report (default RUN_DIR/report)."),
+    eval_dir: Optional[Path] = typer.Option(
+        None, "--eval", help="The --out folder of `fwmodel eval` (its eval.json): adds the eval table and one "
+        "metric-versus-step plot per metric."),
+) -> None:
+    """A training run as pictures: OUT/index.html (self-contained, works offline) and OUT/plots/*.png.
+
+    The run's facts (stage, steps, preset, data fingerprint), its checkpoints, one plot per group of
+    metrics.jsonl's scalars (losses, loss terms, learning rate, gradient norms, performance), the
+    config and the end of train.log; with --eval the eval table and each metric against the step.
+    Exit codes: 0 written, 2 not a run folder, bad --eval or --out.
+    """
+    from fwdata.textout import plural
+    from fwmodel.run_report import RunError, write_run_report
+
+    try:
+        res = write_run_report(run_dir, out, eval_dir)
+    except RunError as err:
+        fail(str(err))
+    typer.echo(f"wrote {res.index} and {plural(len(res.pngs), 'plot')} in {res.index.parent / 'plots'}")
+
+
+@app.command("package")
+def package_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="A training run folder (the --output of `fwmodel train`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The tar file to write, e.g. run.tar."),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="Which checkpoint of the run, e.g. step-1000.safetensors (default: the last)."),
+    with_state: bool = typer.Option(
+        False, "--with-state", help="Also the optimizer / RNG state of that step (state/step-N/), to --resume "
+        "from the package."),
+    verify: Optional[Path] = typer.Option(
+        None, "--verify", help="Check a package instead: every member against its manifest (size, sha256)."),
+) -> None:
+    """Back up a run as one tar with a manifest of sizes and sha256s; --verify checks one.
+
+    The tar holds the checkpoint + sidecar, config.toml, train.log, metrics.jsonl, tb/, the dataset
+    fingerprint and the manifest (never state/ unless --with-state). Same run, same bytes (sorted
+    members, fixed times). `fwmodel package --verify run.tar` prints one line per problem.
+    Exit codes: 0 written / verified, 1 --verify found problems, 2 bad input.
+    """
+    from fwdata.textout import plural
+    from fwmodel.package import make_package, verify_package
+    from fwmodel.run_report import RunError
+
+    if verify is not None:
+        if run_dir is not None or out is not None or checkpoint is not None or with_state:
+            fail("--verify TAR takes no RUN_DIR, --out, --checkpoint or --with-state")
+        try:
+            problems, manifest = verify_package(verify)
+        except RunError as err:
+            fail(str(err))
+        for line in problems:
+            typer.echo(line)
+        if problems:
+            fail(f"{verify}: {plural(len(problems), 'problem')}", code=1)
+        typer.echo(f"{verify}: ok, {plural(len(manifest['files']), 'file')} match the manifest "
+                   f"({manifest['checkpoint']}, stage {manifest['stage']})")
+        return
+    if run_dir is None or out is None:
+        fail("give RUN_DIR and --out run.tar (or --verify run.tar)")
+    try:
+        res = make_package(run_dir, out, checkpoint, with_state)
+    except RunError as err:
+        fail(str(err))
+    others = plural(len(res.manifest["files"]) - 1, "other file")
+    typer.echo(f"wrote {res.tar}: {res.manifest['checkpoint']} and {others}, {res.bytes / 1e6:.1f} MB")
+
+
+@app.command("publish")
+def publish_cmd(
+    run_dir: Path = typer.Argument(..., help="A training run folder (the --output of `fwmodel train`)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="The Hugging Face model repository: USER/NAME or ORG/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="Which checkpoint of the run, e.g. step-1000.safetensors (default: the last)."),
+    eval_dir: Optional[Path] = typer.Option(
+        None, "--eval", help="The --out folder of `fwmodel eval`: its table goes into the model card."),
+    dry_run: Optional[Path] = typer.Option(
+        None, "--dry-run", help="Write the repository folder here (new or empty) and upload nothing."),
+) -> None:
+    """Publish a checkpoint to the Hugging Face Hub as a model repository (--dry-run: write the folder only).
+
+    The folder: the safetensors and sidecar, config.json / config.toml and a model card (licence of
+    the Wan2.1 base model, tags, the recipe, stage, steps, data fingerprint, eval table), uploaded
+    with huggingface_hub.
+
+    Needs a token (`hf auth login` or HF_TOKEN) unless --dry-run. Exit codes: 0 uploaded / written,
+    1 the Hub refused or could not be reached, 2 bad input or no token (nothing uploaded).
+    """
+    from fwmodel.publish import UploadError, publish
+    from fwmodel.run_report import RunError
+
+    try:
+        res = publish(run_dir, repo_id, private=private, checkpoint=checkpoint, eval_dir=eval_dir, dry_run=dry_run)
+    except RunError as err:
+        fail(str(err))
+    except UploadError as err:
+        fail(str(err), code=1)
+    if res.url is None:
+        typer.echo(f"wrote {res.folder}: {', '.join(res.files)} (dry run: nothing uploaded)")
+    else:
+        typer.echo(f"uploaded {', '.join(res.files)} to {res.url}")
+
+
 @app.command()
 def recipes() -> None:
     """List the packaged training recipes, one line each.
@@ -371,6 +485,216 @@ def demo(
         run_demo(out, console, quiet=quiet)
     except DemoFailed as err:
         fail(f"demo stopped: {err}", code=1)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: list[Path] = typer.Option(
+        ..., "--checkpoint", metavar="FILE|RUN_DIR", help="A step-N.safetensors checkpoint, or a run folder (every step-N.safetensors in it); "
+        "repeatable: several give one table side by side."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder (metadata.json) whose labels the predictions are "
+                              "measured against."),
+    split: str = typer.Option("val", "--split", help="Samples to evaluate: val, test, train or all."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Only the first N samples of the split."),
+    noise: float = typer.Option(0.05, "--noise", help="Noise level sigma on the latents (timestep = 1000 sigma)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise (and of random clip windows)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="Output: table (checkpoints side by side), json "
+                            "(eval.json's content) or csv."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write eval.json, eval.csv and "
+                                       "metrics_vs_step.png (each metric against the step) to this folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    wan_weights: Optional[str] = typer.Option(None, "--wan-weights", help="Wan2.1 weights, where the checkpoint's "
+                                              "run config does not name them (or they moved)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+) -> None:
+    """Measure checkpoints' geometry against a dataset's labels: depth, point maps, cameras, trajectory.
+
+    Depth AbsRel / delta1 after per-clip median scaling, point-map error after Sim(3), RRA / RTA at
+    5/15/30 degrees and AUC@30 over frame pairs, ATE / RPE after Sim(3); averaged over the split's
+    samples (chosen as training chooses them). Compare stages with several --checkpoint (or a run
+    folder). See docs/INFERENCE.md. Exit codes: 0 evaluated, 2 bad checkpoint, dataset, split or option.
+    """
+    from fwmodel.evaluate import EvalOptions, evaluate, print_table, write_outputs
+
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format {fmt!r}: choose table, json or csv")
+    opts = EvalOptions(checkpoints=list(checkpoint), data=data, split=split, max_samples=max_samples, noise=noise,
+                       seed=seed, device=device, wan_weights=wan_weights)
+    progress = None if quiet else (lambda line: typer.echo(line, err=True))
+    try:
+        result = evaluate(opts, progress)
+        written = write_outputs(result, out) if out is not None else []
+    except _user_errors() as err:
+        fail(str(err))
+    if fmt == "json":
+        typer.echo(result.to_json())
+    elif fmt == "csv":
+        typer.echo(result.dataframe().to_csv(index=False), nl=False)
+    else:
+        from rich.console import Console
+
+        print_table(result, Console())
+    for path in written:
+        if not quiet:
+            typer.echo(f"wrote {path}", err=True)
+
+
+def _session_options(checkpoint: Path, vae: Optional[str], text_encoder: Optional[str], wan_weights: Optional[str],
+                     device: str, dtype: Optional[str], offload: bool, vae_tiling: bool, memory_check: bool):
+    from fwmodel.generate import SessionOptions
+
+    return SessionOptions(checkpoint=checkpoint, vae=vae, text_encoder=text_encoder, wan_weights=wan_weights,
+                          device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling,
+                          memory_check=memory_check)
+
+
+def _run_inference(fn, opts, ctx: typer.Context, quiet: bool):
+    """Run generate / reconstruct with the commands' error handling: known problems are one line (exit 2)."""
+    import shlex
+    import sys
+
+    from fwdata.dataset.store import DatasetBusy
+
+    given = sys.argv[2:] if sys.argv[1:2] == [ctx.info_name] else []  # empty when called in-process (tests)
+    command = shlex.join(["fwmodel", ctx.info_name, *given])
+    echo = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=True))
+    try:
+        return fn(opts, command=command, echo=echo)
+    except (*_user_errors(), DatasetBusy) as err:
+        fail(str(err))
+    except OSError as err:  # the output folder: exists as a file, not writable, disk full
+        fail(str(err) if not err.strerror else f"{err.filename or ''}: {err.strerror}".lstrip(": "))
+
+
+_CKPT_HELP = "A step-N.safetensors checkpoint of `fwmodel train` (with its .json sidecar)."
+_VAE_HELP = ("Wan VAE: the Wan2.1 diffusers repository or its vae/ folder, or random-tiny (tests); default: the run's "
+             "model.vae or the encoder its latent cache recorded.")
+_TEXT_HELP = ("UMT5 text encoder: the Wan2.1 repository or its text_encoder/ folder, or random-tiny (tests); default: "
+              "the run's model.text_encoder or the one its latent cache recorded.")
+_WAN_HELP = "Wan2.1 backbone weights; default: the ones the checkpoint's sidecar names (the run's model.wan_weights)."
+_DTYPE_HELP = "Weights and compute: bf16 or fp32. Default bf16 on a GPU, fp32 on the CPU."
+_OFFLOAD_HELP = ("Keep the text encoder, the model and the VAE on the CPU except while each runs (model CPU offload: "
+                 "slower, less GPU memory).")
+_TILING_HELP = "Decode the video in tiles (VAE tiling) when the VAE supports it: less memory for large frames."
+_POINTS_HELP = ("What points/<id>.npz holds: depth (the predicted depth unprojected with the predicted cameras, "
+                "consistent for `fwdata validate`) or head (the point head's own map).")
+_MEMCHECK_HELP = "Refuse, before loading, when the memory estimate exceeds the GPU (--no-memory-check: try anyway)."
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=_CKPT_HELP + " Must be Stage 2 (camera adapters)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: a dataset in the contract (videos/, depth/, "
+                             "points/, camera_params/ = predicted cameras, requested_cameras/, metadata.json)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to generate (or --batch)."),
+    batch: Optional[Path] = typer.Option(
+        None, "--batch", help="Many clips with one model load: a text file with one prompt per line, or a .jsonl of "
+        "{\"prompt\", \"negative_prompt\", \"image\", \"trajectory\", \"seed\"} objects (missing keys: the options)."),
+    image: Optional[str] = typer.Option(None, "--image", help="First frame (image-to-video); only for an I2V "
+                                        "checkpoint (the tiny and T2V presets refuse it)."),
+    trajectory: str = typer.Option(
+        "orbit", "--trajectory", "-t", help="Camera path: orbit, forward, pan, zoom, static; a camera file "
+        "(camera_params/<id>.json, or a RealEstate10K 19-number .txt); or DATASET:ID (a sample's cameras)."),
+    trajectory_scale: float = typer.Option(1.0, "--trajectory-scale", help="Size of the path in scene units (the "
+                                           "scene is ~1 unit away): orbit radius, forward distance x 0.5, zoom "
+                                           "factor - 1; multiplies a file's translations."),
+    trajectory_speed: float = typer.Option(1.0, "--trajectory-speed", help="How far along the preset path the clip "
+                                           "goes: orbit 90 deg, pan 30 deg, forward 0.5 units at 1; negative: the "
+                                           "other way."),
+    fov: Optional[float] = typer.Option(None, "--fov", help="Horizontal field of view in degrees (default 60 for the "
+                                        "presets; replaces a file's intrinsics when given)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="T = 4k+1 frames (default: the run's data.num_frames, "
+                                         "e.g. 81)."),
+    height: Optional[int] = typer.Option(None, "--height", help="H, a multiple of 16 (default: the run's, e.g. 336)."),
+    width: Optional[int] = typer.Option(None, "--width", help="W, a multiple of 16 (default: the run's, e.g. 592)."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale (<= 1: no negative pass)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Prompt to steer away from (the guidance's "
+                                        "unconditional pass)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the initial noise: the same seed and inputs give the same "
+                             "bytes."),
+    sampler: str = typer.Option("unipc", "--sampler", help="diffusers scheduler: unipc (WanPipeline's "
+                                "UniPCMultistepScheduler, flow prediction) or euler "
+                                "(FlowMatchEulerDiscreteScheduler)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help=_VAE_HELP),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=_TEXT_HELP),
+    wan_weights: Optional[str] = typer.Option(None, "--wan-weights", help=_WAN_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP),
+    offload: bool = typer.Option(False, "--offload", help=_OFFLOAD_HELP),
+    vae_tiling: bool = typer.Option(True, "--vae-tiling/--no-vae-tiling", help=_TILING_HELP),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help=_MEMCHECK_HELP),
+    points: str = typer.Option("depth", "--points", help=_POINTS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines; only the summary line and errors."),
+) -> None:
+    """Generate videos along a camera trajectory with a Stage-2 checkpoint, with the predicted geometry.
+
+    Writes a dataset in the contract (`fwdata validate`, `fwdata report` read it): the clip, the
+    predicted depth, points (+ fused .ply) and cameras, the requested cameras, and provenance.
+    Same seed and inputs -> the same bytes. See docs/INFERENCE.md. Exit 2: bad checkpoint, option,
+    trajectory or batch file (one line).
+    """
+    from fwmodel.generate import GenerateOptions, Request, generate as run_generate, read_batch
+
+    if (prompt is None) == (batch is None):
+        fail("give exactly one of --prompt and --batch")
+    defaults = Request(prompt or "", negative_prompt, trajectory, seed, image)
+    try:
+        requests = read_batch(batch, defaults) if batch is not None else [defaults]
+    except _user_errors() as err:
+        fail(str(err))
+    opts = GenerateOptions(
+        session=_session_options(checkpoint, vae, text_encoder, wan_weights, device, dtype, offload, vae_tiling,
+                                 memory_check),
+        out=out, frames=frames, height=height, width=width, steps=steps, guidance=guidance, sampler=sampler,
+        trajectory_scale=trajectory_scale, trajectory_speed=trajectory_speed, fov=fov, points=points,
+        requests=requests)
+    meta = _run_inference(run_generate, opts, ctx, quiet)
+    typer.echo(f"generated {len(requests)} clip(s) into {out} ({meta.statistics.num_samples} samples in the dataset)")
+
+
+@app.command()
+def reconstruct(
+    ctx: typer.Context,
+    videos: list[Path] = typer.Argument(..., help="Video files: one clip of each (from --start)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=_CKPT_HELP + " Stage 1 or Stage 2."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: a dataset in the contract (depth, points, "
+                             "predicted cameras, the clip as the model saw it)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="T = 4k+1 (default: the run's data.num_frames)."),
+    height: Optional[int] = typer.Option(None, "--height", help="H, a multiple of 16 (default: the run's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="W, a multiple of 16 (default: the run's)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Source frames between clip frames (default: the "
+                                         "run's data.frame_stride)."),
+    start: int = typer.Option(0, "--start", help="First source frame of the clip."),
+    noise: float = typer.Option(0.05, "--noise", help="Noise level sigma of the VAE latents (timestep = 1000 sigma)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of that noise."),
+    prompt: str = typer.Option("", "--prompt", help="Text condition (default empty)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help=_VAE_HELP),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=_TEXT_HELP),
+    wan_weights: Optional[str] = typer.Option(None, "--wan-weights", help=_WAN_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP),
+    offload: bool = typer.Option(False, "--offload", help=_OFFLOAD_HELP),
+    vae_tiling: bool = typer.Option(True, "--vae-tiling/--no-vae-tiling", help=_TILING_HELP),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help=_MEMCHECK_HELP),
+    points: str = typer.Option("depth", "--points", help=_POINTS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines; only the summary line and errors."),
+) -> None:
+    """Run a checkpoint's geometry branch on real videos: depth, points and cameras as a dataset.
+
+    The sample ids are those `fwdata build` gives the same clips, so the outputs can be measured
+    against a build of the same videos. See docs/INFERENCE.md. Exit 2: bad checkpoint, video or option.
+    """
+    from fwmodel.reconstruct import ReconstructOptions, reconstruct as run_reconstruct
+
+    opts = ReconstructOptions(
+        session=_session_options(checkpoint, vae, text_encoder, wan_weights, device, dtype, offload, vae_tiling,
+                                 memory_check),
+        videos=list(videos), out=out, frames=frames, height=height, width=width, stride=stride, start=start,
+        noise=noise, prompt=prompt, seed=seed, points=points)
+    meta = _run_inference(run_reconstruct, opts, ctx, quiet)
+    typer.echo(f"reconstructed {len(videos)} video(s) into {out} ({meta.statistics.num_samples} samples)")
 
 
 # every command's help reflowed to the terminal (after the last command; cli_common.reflow_help)

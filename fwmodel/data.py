@@ -30,6 +30,10 @@ loader at 81 x 336 x 592).
 
 Which samples: those of `split` (or all) whose status is "ok"; gated-out samples only with
 `include_gated_out`. Samples too short for T frames at the stride are skipped and reported.
+The sample's files come from a `FolderSource` (the dataset folder) or a `MemorySource` (the members of
+one WebDataset sample of a shard, in memory: fwmodel.shard_data); `load_frames` / `load_geometry`
+read either, so both give the same tensors.
+
 Samples whose labels were made by a randomly initialised model (`random_init` in the sample's
 `provenance.models`, or in metadata.json's `provenance.models` for samples without their own) are
 listed in `Selection.random_init`; the trainer refuses them unless `allow_random_init_labels`.
@@ -38,6 +42,7 @@ listed in `Selection.random_init`; the trainer refuses them unless `allow_random
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -47,7 +52,7 @@ from typing import Iterator, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.utils.data import Dataset, Sampler
 
 from fwdata.dataset import camera as cam
@@ -55,11 +60,14 @@ from fwdata.textout import plural
 from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
+    CameraFile,
     ContractError,
+    DatasetMetadata,
     SampleRecord,
     load_metadata,
     load_npz,
     read_camera_json,
+    read_npz,
     resolve_inside,
 )
 
@@ -75,7 +83,8 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    root: Optional[Path] = Field(None, description="dataset folder holding metadata.json (--data)")
+    root: Optional[Path] = Field(None, description="dataset folder holding metadata.json, or WebDataset shards "
+                                 "(a folder or URL holding shards.json, `fwdata shard`) (--data)")
     split: Literal["train", "val", "test", "all"] = "train"
     include_gated_out: bool = Field(False, description="also train on samples the quality gates rejected")
     num_frames: int = Field(81, description="T = 4k+1 frames per training sample")
@@ -91,6 +100,10 @@ class DataConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per GPU")
     max_samples: Optional[int] = Field(None, ge=1, description="use only the first N samples (overfit, smoke)")
     shuffle: bool = True
+    shuffle_buffer: int = Field(
+        16, ge=1, description="shards only (fwmodel.shard_data): samples in the seeded shuffle buffer of each rank "
+        "(about this many samples' bytes held in memory per rank); 1 = shard order only"
+    )
     allow_random_init_labels: bool = Field(
         False, description="train on labels (depth, points) or cached latents/text made by randomly initialised "
         "models (`random-tiny`: tests and demos only), with a warning; false refuses them"
@@ -159,6 +172,12 @@ def select_samples(root: Path, cfg: DataConfig) -> Selection:
         meta = load_metadata(root)
     except ContractError as err:
         raise DataError(str(err)) from None
+    return select_records(meta, cfg, root)
+
+
+def select_records(meta: DatasetMetadata, cfg: DataConfig, where) -> Selection:
+    """`select_samples` on metadata already read (a dataset folder's, or rebuilt from shards); `where`
+    names the data in the error when nothing is left."""
     chosen, skipped = [], {}
     for record in meta.samples:
         if cfg.split != "all" and record.split != cfg.split:
@@ -180,7 +199,7 @@ def select_samples(root: Path, cfg: DataConfig) -> Selection:
         counts = f"{plural(len(meta.samples), 'sample')}, {sum(s.split == cfg.split for s in meta.samples)} in split {cfg.split!r}"
         reasons = "; ".join(sorted(set(skipped.values())))[:300]
         raise DataError(
-            f"no training samples in {root} ({counts}){': ' + reasons if reasons else ''}; "
+            f"no training samples in {where} ({counts}){': ' + reasons if reasons else ''}; "
             "check data.split, data.num_frames / data.frame_stride, or data.include_gated_out."
         )
     return Selection(chosen, skipped, random_init)
@@ -256,12 +275,87 @@ class ResizePlan:
         return x[..., y0 : y0 + h, x0 : x0 + w]
 
 
-def load_frames(root: Path, record: SampleRecord, indices: Sequence[int], plan: ResizePlan) -> torch.Tensor:
-    """RGB frames of the clip at `indices`, resized: [3, T, H, W] float32 in [-1, 1]."""
-    from fwdata.dataset.video import VideoError, read_frames
+# --------------------------------------------------------------------------- where a sample's files are
 
+
+class FolderSource:
+    """One sample's files in the dataset folder (the relative paths of its record), read with the
+    contract's own readers."""
+
+    def __init__(self, root: Path, record: SampleRecord):
+        self.root, self.record = Path(root), record
+
+    def path(self, member: str) -> Path:
+        rel = {"mp4": self.record.paths.video, "depth.npz": self.record.paths.depth,
+               "points.npz": self.record.paths.points, "camera.json": self.record.paths.camera_json}[member]
+        return resolve_inside(self.root, rel)
+
+    def frames(self, indices: Sequence[int]) -> np.ndarray:
+        """[T, Hs, Ws, 3] uint8 RGB of the clip at `indices`."""
+        from fwdata.dataset.video import read_frames
+
+        return read_frames(self.path("mp4"), list(indices))
+
+    def npz(self, member: str, spec: dict, dims: dict) -> dict:
+        return load_npz(self.path(member), spec, dims)
+
+    def cameras(self) -> CameraFile:
+        return read_camera_json(self.path("camera.json"))
+
+
+class MemorySource:
+    """One sample's files as bytes in memory: the members of a WebDataset sample ("mp4", "depth.npz",
+    "points.npz", "camera.json" -> bytes); `where` names them in errors (e.g. "shard-000001.tar/00000042").
+    Decoded from memory, never written to disk."""
+
+    def __init__(self, members: dict[str, bytes], where: str):
+        self.members, self.where = members, where
+
+    def data(self, member: str) -> bytes:
+        if member not in self.members:
+            raise ContractError(f"{self.where}: member {member!r} is missing from the shard sample")
+        return self.members[member]
+
+    def frames(self, indices: Sequence[int]) -> np.ndarray:
+        """[T, Hs, Ws, 3] uint8 RGB, decoded by decord from the mp4 bytes (as fwdata.dataset.video.read_frames
+        decodes a file: one thread, the same frames)."""
+        import decord
+
+        from fwdata.dataset.video import VideoError
+
+        label, indices = f"{self.where}.mp4", list(indices)
+        try:
+            vr = decord.VideoReader(io.BytesIO(self.data("mp4")), ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:  # decord raises DECORDError / RuntimeError with long C++ traces
+            raise VideoError(f"{label}: not a readable video ({str(e).strip().splitlines()[-1][:200]})") from None
+        if max(indices) >= len(vr) or min(indices) < 0:
+            raise VideoError(f"{label}: frame index out of range (video has {len(vr)} frames)")
+        try:
+            return vr.get_batch(indices).asnumpy()
+        except Exception as e:
+            raise VideoError(f"{label}: decoding failed ({str(e).strip().splitlines()[0][:200]})") from None
+
+    def npz(self, member: str, spec: dict, dims: dict) -> dict:
+        return read_npz(io.BytesIO(self.data(member)), spec, dims, f"{self.where}.{member}")
+
+    def cameras(self) -> CameraFile:
+        try:
+            return CameraFile.model_validate_json(self.data("camera.json"))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ContractError(f"{self.where}.camera.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def load_frames(source, record: SampleRecord, indices: Sequence[int], plan: ResizePlan) -> torch.Tensor:
+    """RGB frames of the clip at `indices`, resized: [3, T, H, W] float32 in [-1, 1].
+
+    `source`: a FolderSource / MemorySource, or the dataset root (a path: the record's files in it)."""
+    from fwdata.dataset.video import VideoError
+
+    if not isinstance(source, (FolderSource, MemorySource)):
+        source = FolderSource(source, record)
     try:
-        frames = read_frames(resolve_inside(root, record.paths.video), list(indices))  # [T, Hs, Ws, 3] uint8
+        frames = source.frames(indices)  # [T, Hs, Ws, 3] uint8
     except VideoError as err:
         raise DataError(str(err)) from None
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, Hs, Ws]
@@ -269,12 +363,16 @@ def load_frames(root: Path, record: SampleRecord, indices: Sequence[int], plan: 
     return (x / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
 
 
-def load_geometry(root: Path, record: SampleRecord, indices: Sequence[int], plan: ResizePlan) -> dict:
-    """Ground truth of one training sample, normalised (see the module docstring). numpy/torch mix in, torch out."""
+def load_geometry(source, record: SampleRecord, indices: Sequence[int], plan: ResizePlan) -> dict:
+    """Ground truth of one training sample, normalised (see the module docstring). numpy/torch mix in, torch out.
+
+    `source`: a FolderSource / MemorySource, or the dataset root (a path)."""
+    if not isinstance(source, (FolderSource, MemorySource)):
+        source = FolderSource(source, record)
     dims = record.dims
-    cameras = read_camera_json(resolve_inside(root, record.paths.camera_json))
-    depth_npz = load_npz(resolve_inside(root, record.paths.depth), DEPTH_NPZ, dims)
-    points_npz = load_npz(resolve_inside(root, record.paths.points), POINTS_NPZ, dims)
+    cameras = source.cameras()
+    depth_npz = source.npz("depth.npz", DEPTH_NPZ, dims)
+    points_npz = source.npz("points.npz", POINTS_NPZ, dims)
     idx = np.asarray(indices)
 
     w2c = cameras.w2c_array()[idx]  # [T, 4, 4] float64
@@ -372,24 +470,32 @@ class TrainingDataset(Dataset):
     def __getitem__(self, item) -> dict:
         index, seed = item if isinstance(item, tuple) else (item, None)
         record = self.records[index]
-        rng = np.random.default_rng(seed)
-        if self.cache is not None:
-            start = self.cache.window_start(record.id)
+        return make_sample(self.cfg, record, FolderSource(self.root, record), index, seed, self.cache)
+
+
+def make_sample(cfg: DataConfig, record: SampleRecord, source, index: int, seed: Optional[int], cache=None) -> dict:
+    """One training sample (the dict of the module docstring) of `record`, its files read from `source`
+    (FolderSource or MemorySource); `seed` draws a random window; `index` is the sample's position in the
+    run's selection."""
+    spec = cfg.clip_spec()
+    rng = np.random.default_rng(seed)
+    if cache is not None:
+        start = cache.window_start(record.id)
+    else:
+        start = window_start(record.num_frames, spec, rng)
+    indices = list(range(start, start + spec.span, spec.frame_stride))
+    plan = ResizePlan.cover((record.height, record.width), (cfg.height, cfg.width))
+    sample = {"id": record.id, "index": index}
+    try:
+        sample.update(load_geometry(source, record, indices, plan))
+        if cache is not None:
+            sample["latents"], sample["text"] = cache.load(record.id)
         else:
-            start = window_start(record.num_frames, self.spec, rng)
-        indices = list(range(start, start + self.spec.span, self.spec.frame_stride))
-        plan = ResizePlan.cover((record.height, record.width), (self.cfg.height, self.cfg.width))
-        sample = {"id": record.id, "index": index}
-        try:
-            sample.update(load_geometry(self.root, record, indices, plan))
-            if self.cache is not None:
-                sample["latents"], sample["text"] = self.cache.load(record.id)
-            else:
-                sample["video"] = load_frames(self.root, record, indices, plan)
-                sample["text"] = self.cfg.prompt
-        except ContractError as err:
-            raise DataError(f"sample {record.id}: {err}") from None
-        return sample
+            sample["video"] = load_frames(source, record, indices, plan)
+            sample["text"] = cfg.prompt
+    except ContractError as err:
+        raise DataError(f"sample {record.id}: {err}") from None
+    return sample
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:

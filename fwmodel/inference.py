@@ -148,15 +148,18 @@ class GeometryPrediction:
 
 @torch.no_grad()
 def predict(loaded: LoadedModel, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
-            plucker: Optional[torch.Tensor] = None, video: bool = False) -> GeometryPrediction:
+            plucker: Optional[torch.Tensor] = None, video: bool = False,
+            amp: Optional[torch.dtype] = torch.bfloat16) -> GeometryPrediction:
     """One forward pass: latents [B, 16, S, Hl, Wl] at `timestep` [B] (0..1000), text [B, 512, D].
 
     `plucker` [B, T, H, W, 6] conditions the camera adapters (Stage 2); `video=True` also runs the
     video half and returns Wan's velocity prediction (generation); geometry-only otherwise.
+    `amp`: the autocast dtype on a GPU (None: no autocast, e.g. `fwmodel generate --dtype fp32`).
     """
     model, dev = loaded.model, loaded.device
     dtype = next(model.backbone.parameters()).dtype
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _nullcontext()
+    autocast = (torch.autocast(dev.type, dtype=amp) if dev.type == "cuda" and amp is not None
+                else _nullcontext())
     with autocast:
         out = model(latents.to(dev, dtype), timestep.to(dev), text.to(dev, dtype),
                     plucker=None if plucker is None else plucker.to(dev), video=video and loaded.stage == 2)

@@ -172,14 +172,22 @@ _RESUMABLE_CHANGES = {
 }
 
 
+# Fields added after runs were saved: hashed only when set to something other than their default, so
+# that a run saved before the field existed (the same trajectory) still resumes.
+_HASHED_WHEN_CHANGED = {"data": {"shuffle_buffer"}}
+
+
 def hashed_config(cfg: TrainConfig) -> dict:
     """The part of the config that defines the training trajectory (what resuming must not change)."""
     out = {}
+    defaults = TrainConfig().model_dump(mode="json")
     for section, values in cfg.model_dump(mode="json").items():
         skip = _RESUMABLE_CHANGES.get(section, set())
         if skip is None:
             continue
-        out[section] = {k: v for k, v in values.items() if k not in skip}
+        late = _HASHED_WHEN_CHANGED.get(section, set())
+        out[section] = {k: v for k, v in values.items()
+                        if k not in skip and not (k in late and v == defaults[section][k])}
     return out
 
 
@@ -707,6 +715,7 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
             "config_hash": config_hash(cfg),
             "config": hashed_config(cfg),
             "data_fingerprint": data_fp,
+            "data_source": _data_source(cfg),
             "micro_batches": step * cfg.train.grad_accum,
             "global_micro_batch": cfg.train.batch_size * d.world_size,
             "world_size": d.world_size,
@@ -797,8 +806,11 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
     if cfg.data.root is None:
         raise DataError("no dataset: pass --data DATASET (a folder with metadata.json) or set data.root")
     from fwmodel.data import select_samples
+    from fwmodel.shard_data import ShardDataset, open_shards
 
-    selection = select_samples(Path(cfg.data.root), cfg.data)  # a missing or empty dataset is named first
+    shards = open_shards(cfg.data)  # WebDataset shards when data.root holds shards.json, else None (a folder)
+    # a missing or empty dataset is named first
+    selection = shards.select(cfg.data) if shards is not None else select_samples(Path(cfg.data.root), cfg.data)
     allowed = cfg.data.allow_random_init_labels
     if not allowed and (found := random_init_findings(cfg, selection.random_init, len(selection.records),
                                                       encoders=False)):
@@ -806,6 +818,12 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
     cache = None
     if cfg.data.cache != "off":
         cache = LatentCache.find(cfg.data)
+        if cache is None and cfg.data.cache == "require" and shards is not None:
+            raise CacheError(
+                f"no latent cache for {cfg.data.clip_spec().key} for the shards {cfg.data.root}: build it on the "
+                "dataset folder (`fwmodel cache DATASET --config CONFIG --vae PATH --text-encoder PATH`) and point "
+                "data.cache_dir at DATASET/.fwmodel_cache (the cache is keyed by sample id)"
+            )
         if cache is None and cfg.data.cache == "require":
             raise CacheError(
                 f"no latent cache for {cfg.data.clip_spec().key} in {cfg.data.root}: run `fwmodel cache "
@@ -820,11 +838,28 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
         )
     if not allowed and (found := random_init_findings(cfg, selection.random_init, len(selection.records), cache)):
         raise refuse_random_init(found)
+    if shards is not None:
+        return ShardDataset(cfg.data, shards, selection, text_dim=model_config.wan.text_dim, cache=cache)
     dataset = TrainingDataset(cfg.data, text_dim=model_config.wan.text_dim, cache=cache)
     return dataset
 
 
+def _data_source(cfg: TrainConfig) -> str:
+    """"shards" when data.root holds WebDataset shards (shards.json), else "folder" (recorded in trainer.json)."""
+    from fwmodel.shard_data import is_shard_root
+
+    return "shards" if is_shard_root(cfg.data.root) else "folder"
+
+
 def make_loader(dataset: TrainingDataset, cfg: TrainConfig, d: Dist, start_micro: int):
+    if not isinstance(dataset, TrainingDataset):  # shards (fwmodel.shard_data): the stream is its own sampler
+        stream = dataset.layout(cfg.train.batch_size, d.world_size, d.rank, cfg.train.seed, start=start_micro)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+            pin_memory=d.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+            prefetch_factor=2 if cfg.data.num_workers > 0 else None,
+        )
+        return stream, loader
     sampler = StepSampler(len(dataset), cfg.train.batch_size, d.world_size, d.rank, cfg.train.seed,
                           cfg.data.shuffle, start=start_micro)
     loader = torch.utils.data.DataLoader(
@@ -1021,9 +1056,20 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
              f"({progress.get('threads', 'train.threads')})")
     # ---- data (before weights: a bad dataset fails in seconds) ----
     dataset = prepare_data(cfg, model_config)
+    if not isinstance(dataset, TrainingDataset):  # shards: too few for the ranks fails now, not after the weights
+        dataset.layout(tcfg.batch_size, d.world_size, d.rank, tcfg.seed)
+    if resuming and not isinstance(dataset, TrainingDataset) and saved.trainer.get("world_size") != d.world_size:
+        raise ResumeError(f"the run being resumed used {saved.trainer.get('world_size')} process(es), now "
+                          f"{d.world_size}: on shards each rank reads its own shards, so resume with the same number")
+    source = "folder" if isinstance(dataset, TrainingDataset) else "shards"
+    if resuming and saved.trainer.get("data_source", "folder") != source and (cfg.data.shuffle or d.world_size > 1):
+        raise ResumeError(f"the run being resumed read the {saved.trainer.get('data_source', 'folder')} and this one "
+                          f"the {source}: with data.shuffle or several processes their sample orders differ, so "
+                          "resume it on the same --data")
     for sid, why in list(dataset.skipped.items())[:10]:
         log.info(f"skipped sample {sid}: {why}", console=False)
-    log.info(f"data: {plural(len(dataset), 'sample')} from {cfg.data.root} (split {cfg.data.split}"
+    log.info(f"data: {plural(len(dataset), 'sample')} from {cfg.data.root}"
+             f"{'' if isinstance(dataset, TrainingDataset) else ' (WebDataset shards)'} (split {cfg.data.split}"
              f"{', gated-out included' if cfg.data.include_gated_out else ''}, {len(dataset.skipped)} skipped), "
              f"{cfg.data.num_frames} frames at {cfg.data.height}x{cfg.data.width}, stride {cfg.data.frame_stride}; "
              + (f"latent cache {dataset.cache.dir}" + (" (RANDOM tiny encoders)" if dataset.cache.random_init else "")

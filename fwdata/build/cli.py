@@ -102,6 +102,7 @@ def overrides_from_options(**opts: Any) -> dict[str, Any]:
         "batch_size": ("depth", "batch_size"), "mapper": ("sfm", "mapper"), "loop_detection": ("sfm", "loop_detection"),
         "verbose": ("sfm", "verbose"), "workers": ("workers",), "threads": ("threads",), "write_ply": ("write_ply",), "name": ("name",),
         "intrinsics": ("intrinsics",), "distortion": ("distortion",),
+        "executor": ("executor",), "ray_address": ("ray_address",),
     }
     out: dict[str, Any] = {}
     for key, value in opts.items():
@@ -140,7 +141,7 @@ def run_build_command(videos: Sequence[Path], out: Path, preset: Optional[str], 
     try:
         config: BuildConfig = load_config(preset, overrides)
     except ConfigError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     command = command or "fwdata " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = RichBuildProgress(console, quiet=quiet)
@@ -149,7 +150,7 @@ def run_build_command(videos: Sequence[Path], out: Path, preset: Optional[str], 
             summary = build_dataset(videos, out, config, force=force, progress=progress, command=command)
     except (ConfigError, DepthModelError) as e:
         progress.finish()
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         progress.finish()

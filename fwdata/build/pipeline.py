@@ -11,9 +11,10 @@ one-line reason, and the build goes on with the next clip. Each clip is written 
 completion marker (`fwdata.dataset.store`), so a rerun skips finished clips (``force`` redoes them) and a
 build killed at any moment and run again ends with the same dataset as an uninterrupted one.
 
-Clips run in this process (``workers = 1``) or in ``workers`` processes, each holding one clip at a
-time (frames at clip size only) and its own copy of the depth model; CPU threads are split
-between them.
+Where clips run is the executor's part (`fwdata.build.executors`, ``executor``): ``local`` runs them in
+this process (``workers = 1``) or in ``workers`` processes, each holding one clip at a time (frames at
+clip size only) and its own copy of the depth model; ``ray`` runs one Ray task per clip on a cluster.
+Both run `process_clip`; markers, resume, failures and metadata.json stay here, in the driver.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,7 +55,7 @@ from fwdata.dataset.contract import (
     sample_paths,
 )
 from fwdata.dataset.lens import Undistortion
-from fwdata.runtime import ConfigFileError, clip_threads, load_config_file, run_in_processes
+from fwdata.runtime import ConfigFileError, clip_threads, load_config_file
 from fwdata.build.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.build.depth import model_info as depth_model_info
 from fwdata.build.sfm import SfmError, SfmOptions, SfmResult, run_sfm
@@ -75,6 +75,7 @@ from fwdata.dataset.store import (
 )
 from fwdata.dataset.video import X264_OPTIONS, VideoError, content_fingerprint, decode_problems
 from fwdata.presets import BUILD_PRESETS, find_preset
+from fwdata.build.executors import import_ray, make_executor
 
 PRESET_DIR = BUILD_PRESETS.directory  # the packaged build presets (fwdata/presets/build)
 
@@ -109,6 +110,18 @@ class BuildConfig(BaseModel):
     threads: int = Field(1, ge=1, description="CPU threads of each clip (torch, and COLMAP when sfm.num_threads is 0). "
                                               "The results depend on this number (fwdata.runtime): keep 1 for "
                                               "datasets that are bit-identical across runs and machines")
+    executor: Literal["local", "ray"] = Field("local", description="where clips run: local processes (`workers`) "
+                                                                 "or Ray tasks on a cluster (fwdata.build.executors). "
+                                                                 "Never changes the results")
+    ray_address: Optional[str] = Field(None, description="Ray cluster of the ray executor: 'auto', 'HOST:PORT', "
+                                                         "'ray://HOST:PORT'; none: RAY_ADDRESS, else a Ray instance "
+                                                         "on this machine")
+    ray_max_retries: int = Field(1, ge=0, description="ray executor: times a clip whose worker died is run again "
+                                                      "before it is recorded as failed")
+    ray_gpus: Optional[float] = Field(None, ge=0, description="ray executor: GPUs per clip task (none: 1 when the "
+                                                               "depth model runs on CUDA, else 0)")
+    ray_memory_gb: float = Field(0.0, ge=0, description="ray executor: memory per clip task in GiB for Ray's "
+                                                        "scheduler (0: not declared)")
     write_ply: bool = Field(True, description="write the fused, coloured .ply cloud of each clip")
     overlap_depth: bool = Field(True, description="run depth in a background thread while the cameras are solved")
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
@@ -568,6 +581,8 @@ def build_dataset(inputs: Sequence[Union[str, Path]], out: Union[str, Path], con
         check_output_folder(out)  # before any work: a bad --out is found in a second, not after every clip
     except OSError as e:
         raise ConfigError(str(e)) from None
+    if config.executor == "ray":
+        import_ray()  # ConfigError with the install line, before any work
     check_model_available(config.depth)
     plans, missing = plan_inputs(inputs, config.clips, exclude=out)
     if missing:
@@ -598,16 +613,14 @@ def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force:
 
     outcomes: list[ClipOutcome] = []
     config = _with_threads(config)
-    workers = resolve_workers(config.workers, len(todo))
-    if workers == 1:
-        for plan in todo:
-            o = process_clip(plan, config, out)
-            _after_clip(out, o, force)
-            outcomes.append(o)
-            if progress:
-                progress.clip_done(o)
-    else:
-        outcomes = _run_pool(todo, config, workers, out, force, progress)
+
+    def on_outcome(o: ClipOutcome) -> None:  # in this process, whatever the executor
+        _after_clip(out, o, force)
+        outcomes.append(o)
+        if progress:
+            progress.clip_done(o)
+
+    make_executor(config).run(todo, config, out, on_outcome)
 
     by_id = {o.sample_id: o for o in outcomes}
     for plan in clips:  # failures in input order, whatever order the workers finished in
@@ -642,22 +655,6 @@ def resolve_workers(workers: int, num_clips: int) -> int:
     return max(1, min(n, num_clips))
 
 
-def _run_pool(todo: list[ClipPlan], config: BuildConfig, workers: int, out: Path, force: bool,
-              progress: Optional[BuildProgress]) -> list[ClipOutcome]:
-    """Clips in `workers` processes (fwdata.runtime), outcomes as they finish."""
-    outcomes = []
-    for plan, o, err in run_in_processes(partial(process_clip, config=config, out=out), todo, workers,
-                                         threads=config.threads):
-        if err is not None:  # the worker died (killed, out of memory), also when the clip ran alone
-            o = ClipOutcome(plan.sample_id, plan.source, plan.start_frame, False, stage="worker",
-                            reason=f"worker process died ({type(err).__name__}); try fewer --workers")
-        _after_clip(out, o, force)
-        outcomes.append(o)
-        if progress:
-            progress.clip_done(o)
-    return outcomes
-
-
 def _after_clip(out: Path, outcome: ClipOutcome, force: bool) -> None:
     """A forced redo that failed must not leave the old sample behind as if it were current."""
     if force and not outcome.ok:
@@ -678,7 +675,7 @@ def package_versions() -> dict[str, str]:
 
 #: options that say how a build ran, not what it made: left out of provenance, so that a dataset's
 #: bytes do not depend on them
-RUN_OPTIONS = frozenset({"workers"})
+RUN_OPTIONS = frozenset({"workers", "executor", "ray_address", "ray_max_retries", "ray_gpus", "ray_memory_gb"})
 
 
 def recorded_options(config: BuildConfig) -> dict[str, Any]:

@@ -706,22 +706,65 @@ def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, extra: Optional[
                     registered=rec.num_reg_images())
 
 
-def _settle(clip: _Clip, keyframes: list[int], f_start: float, max_rounds: int = 3) -> list[_Attempt]:
+#: a focal within this fraction of one a map was already built with is that map (its result is reused)
+FOCAL_REVISIT = 0.01
+
+
+@dataclass
+class _Chain:
+    """One focal hypothesis followed to its end (`_settle`)."""
+
+    start: float
+    steps: list  # the attempts along the chain, in order (some may be shared with other chains)
+    end: Optional[_Attempt]  # the chain's result: its fixed point, or its cycle's / its own best map
+    settled: bool  # True for a fixed point or a cycle; False when it ran out of rounds or failed
+    num_keyframes: int
+
+    @property
+    def complete(self) -> bool:
+        """The chain's result maps every keyframe in one model."""
+        return self.end is not None and self.end.num_models == 1 and self.end.registered == self.num_keyframes
+
+
+def _settle(clip: _Clip, keyframes: list[int], f_start: float, visited: list[_Attempt],
+            max_rounds: int = 4) -> _Chain:
     """One focal hypothesis: map with the focal held at `f_start`, adjust with it free, and map again
     with the adjusted camera until the focal settles (a map built with a wrong focal is distorted,
-    and adjustment alone cannot undo that in a flat focal/structure valley). Returns every attempt."""
-    out: list[_Attempt] = []
-    f, extra = f_start, None
-    for _ in range(max_rounds):
-        a = _attempt(clip, keyframes, f, extra, refine=True)
+    and adjustment alone cannot undo that in a flat focal/structure valley).
+
+    The maps are a function of the focal they are built with, so a focal within FOCAL_REVISIT of one
+    already mapped (by this chain or another: `visited`, extended here) reuses that map instead of
+    building it again. The chain ends at a fixed point (the free focal stays where the map was built:
+    `_Attempt.consistent`), at a cycle (weak focal constraints, e.g. forward motion, can make the
+    adjusted focal alternate between two values: the cycle's best-reprojecting map is its result),
+    or unsettled after `max_rounds` new maps (or when a map fails): its best-reprojecting map is then its
+    result.
+    """
+    steps: list[_Attempt] = []
+    f, extra, built = f_start, None, 0
+    while True:  # ends: every step is either a new map (at most max_rounds) or one already in `visited`
+        a = next((v for v in visited if abs(f / v.f_fixed - 1.0) < FOCAL_REVISIT), None)
         if a is None:
-            break
-        a.start = f_start
-        out.append(a)
-        if a.consistent or a.num_models != 1 or not _plausible(a.f_final, clip.W):
+            if built == max_rounds:
+                break
+            a = _attempt(clip, keyframes, f, extra, refine=True)
+            built += 1
+            if a is None:
+                break
+            a.start = f_start
+            visited.append(a)
+        if a in steps:  # a cycle: the maps from here on repeat
+            cycle = steps[steps.index(a):]
+            return _Chain(f_start, steps, min(cycle, key=lambda c: c.reproj), True, len(keyframes))
+        steps.append(a)
+        if a.consistent:
+            return _Chain(f_start, steps, a, True, len(keyframes))
+        if a.num_models != 1 or not _plausible(a.f_final, clip.W):
             break
         f, extra = a.f_final, a.extra_final
-    return out
+    # unsettled (out of rounds, a failed map, an implausible focal): its best-reprojecting map stands for it
+    # (a map that jumped to a far worse focal, e.g. under forward motion, does not)
+    return _Chain(f_start, steps, min(steps, key=lambda c: c.reproj) if steps else None, False, len(keyframes))
 
 
 @dataclass
@@ -762,43 +805,37 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool) -> _Solution:
     opts = clip.opts
     queue: list = [f0, "view-graph"]  # the view-graph focal is computed only when it is needed
     queue += [float(camera.fov_to_focal(np.radians(fov), clip.W)) for fov in (75.0, 30.0, 60.0, 100.0)]
-    attempts: list[_Attempt] = []
-    settled: list[_Attempt] = []  # every attempt that mapped every keyframe in one model
-    starts: list[float] = []
-    starts_complete = 0
-    while queue and starts_complete < opts.focal_hypotheses:
+    attempts: list[_Attempt] = []  # every map built, in order (shared by the chains)
+    chains: list[_Chain] = []
+    while queue and sum(c.complete for c in chains) < opts.focal_hypotheses:
         f = queue.pop(0)
         if f == "view-graph":
             f = _view_graph_focal(clip)
             if f is None:
                 continue
         near = [a for a in attempts if abs(f / a.f_final - 1.0) < 0.01 or abs(f / a.start - 1.0) < 0.01]
-        if any(abs(f / t - 1.0) < 0.01 for t in starts) or near:
+        if any(abs(f / c.start - 1.0) < 0.01 for c in chains) or near:
             continue
-        starts.append(f)
-        tries = _settle(clip, keyframes, f)
-        attempts += tries
-        complete = [a for a in tries if a.num_models == 1 and a.registered == len(keyframes)]
-        if complete:
-            settled += complete  # every complete map is evidence, settled or not (a basin it left counts)
-            starts_complete += 1
+        chains.append(_settle(clip, keyframes, f, attempts))
     if not attempts:
         raise _no_initial_pair()
     best = min(attempts, key=lambda a: a.rank)
-    basins = [a for a in settled if a.consistent]  # the focal stayed where the map was built: a basin
+    complete = [c for c in chains if c.complete]
+    basins = [c.end for c in complete if c.settled]  # where a chain came to rest (a fixed point or a cycle)
     if basins:
         best = min(basins, key=lambda a: a.reproj)
         limit = best.reproj * (1.0 + opts.hypothesis_tolerance)
-        # every plausible basin, and any map still travelling that already reprojects better than the
-        # chosen one (a better solution the tries did not settle in: the data do not pick one focal)
+        # every plausible basin, and the end of any chain still travelling that already reprojects
+        # better than the chosen basin (a better solution the tries did not settle in: ambiguous)
         hypotheses = [a.f_final for a in basins if a.reproj <= limit]
-        hypotheses += [a.f_final for a in settled if not a.consistent and a.reproj < best.reproj]
-    elif settled:
-        best = min(settled, key=lambda a: a.reproj)
+        hypotheses += [c.end.f_final for c in complete if not c.settled and c.end.reproj < best.reproj]
+    elif complete:
+        best = min((c.end for c in complete), key=lambda a: a.reproj)
         limit = best.reproj * (1.0 + opts.hypothesis_tolerance)
-        hypotheses = [a.f_final for a in settled if a.reproj <= limit]
+        hypotheses = [c.end.f_final for c in complete if c.end.reproj <= limit]
     else:
         hypotheses = [best.f_final]
+    starts_complete = len(complete)
     return _Solution(best=best, attempts=attempts, hypotheses=hypotheses, spread=hypothesis_spread(hypotheses),
                      starts=starts_complete)
 

@@ -46,6 +46,9 @@ SUPPORTED_SCHEMA_VERSIONS = ("1.0",)
 
 #: sub-directories of a dataset root, one per kind of file
 VIDEOS_DIR, DEPTH_DIR, POINTS_DIR, CAMERAS_DIR = "videos", "depth", "points", "camera_params"
+#: optional: `requested_cameras/<id>.json` (CameraFile JSON), the cameras a generated sample was asked for
+#: (`fwmodel generate`); its camera_params/<id>.json holds the predicted ones. Named by no sample record.
+REQUESTED_CAMERAS_DIR = "requested_cameras"
 METADATA_FILE = "metadata.json"
 
 ScaleKind = Literal["metric", "normalized"]

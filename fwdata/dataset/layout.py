@@ -6,6 +6,7 @@ The per-sample file names are part of the contract (`fwdata.dataset.contract.sam
 
     dataset/
       metadata.json  videos/  depth/  points/  camera_params/      (the contract)
+      requested_cameras/                                           (optional: cameras asked of `fwmodel generate`)
       .fwdata/done/<id>.json                                       (completion markers, internal)
       .fwdata/lock                                                 (the write lock of the running build)
       .fwmodel_cache/                                              (derived: the trainer's latent cache)
@@ -19,16 +20,20 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from fwdata.dataset.contract import CAMERAS_DIR, DEPTH_DIR, POINTS_DIR, VIDEOS_DIR
+from fwdata.dataset.contract import CAMERAS_DIR, DEPTH_DIR, POINTS_DIR, REQUESTED_CAMERAS_DIR, VIDEOS_DIR
 
 #: the folder of the tool's own bookkeeping inside a dataset; validation ignores it
 INTERNAL_DIR = ".fwdata"
 #: completion markers: `<id>.json` holding the sample's record, written last
 MARKER_DIR = f"{INTERNAL_DIR}/done"
 
-#: folders other tools derive from a dataset and keep inside it (the trainer's latent cache); they are
-#: not part of the contract and hold no orphans, but stay inside the root like everything else
-DERIVED_DIRS = (".fwmodel_cache",)
+#: optional contract folders that no sample record names (requested_cameras/: the cameras asked of
+#: `fwmodel generate`, beside the predicted ones in camera_params/); their files are not orphans
+OPTIONAL_DIRS = (REQUESTED_CAMERAS_DIR,)
+
+#: folders other tools derive from a dataset and keep inside it (the trainer's latent cache, first), and
+#: the optional folders; they hold no orphans, but stay inside the root like everything else
+DERIVED_DIRS = (".fwmodel_cache", *OPTIONAL_DIRS)
 
 #: the write lock of a dataset: held by the one build writing into it (`fwdata.dataset.store.write_lock`)
 LOCK_FILE = f"{INTERNAL_DIR}/lock"

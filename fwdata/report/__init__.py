@@ -7,7 +7,8 @@
 ```
 out/index.html            the page: dataset summary, quality metrics, validate (and compare) findings,
                           build failures with their reasons, per sample its contact sheet and an
-                          interactive 3-D camera path (plotly.js inlined: works offline)
+                          interactive 3-D camera path (plotly.js inlined: works offline; a generated
+                          sample with requested_cameras/<id>.json: requested and predicted, with frusta)
 out/samples/<id>.png      the contact sheet of each sample (fwdata.report.sheet)
 out/samples/<id>.json     where each panel of the sheet is, and the depth colour map's range
 ```

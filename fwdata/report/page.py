@@ -52,9 +52,36 @@ _LAYOUT = dict(height=460, margin=dict(l=0, r=0, t=40, b=0), legend=dict(x=0, y=
                scene=dict(aspectmode="data", xaxis_title="x", yaxis_title="z (forward)", zaxis_title="-y (up)"))
 
 
+#: most camera frusta drawn per path in the 3-D plot
+MAX_FRUSTA = 10
+
+
+def frustum_lines(w2c: np.ndarray, K: np.ndarray, width: int, height: int, size: float) -> np.ndarray:
+    """Wire frames of camera frusta as polylines (N,3) broken by NaN rows (plotly leaves a gap there):
+    per camera the apex, the image rectangle at z = `size` (world units) joined to the apex, and a
+    tick above the image's top edge (which way is up). w2c (T,4,4), K (T,3,3) pixels; world coordinates."""
+    c2w = camera.invert_pose(w2c)
+    uv = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float64)
+    gap = np.full(3, np.nan)
+    out = []
+    for T, k in zip(c2w, K):
+        x = (uv[:, 0] - k[0, 2]) / k[0, 0] * size
+        y = (uv[:, 1] - k[1, 2]) / k[1, 1] * size
+        tl, tr, br, bl = np.stack([x, y, np.full(4, size)], axis=1)
+        apex = np.zeros(3)
+        mid_top = (tl + tr) / 2
+        tick = mid_top - np.array([0.0, 0.25 * (y.max() - y.min()), 0.0])
+        local = np.stack([apex, tl, tr, br, bl, tl, gap, apex, tr, gap, apex, br, gap, apex, bl, gap,
+                          mid_top, tick, gap])
+        out.append(camera.transform_points(T, local))
+    return np.concatenate(out)
+
+
 def path_traces(view) -> tuple[list, str]:
     """The plotly traces of one sample's camera path (the truth and the aligned built path when a
-    truth was given) and the plot's title. Plot axes: x, z (forward), -y (up) of the OpenCV world."""
+    truth was given; the requested and the predicted cameras, with frusta, for a generated sample
+    that has requested_cameras/<id>.json) and the plot's title. Plot axes: x, z (forward), -y (up)
+    of the OpenCV world."""
     import plotly.graph_objects as go
 
     traces = []
@@ -68,6 +95,21 @@ def path_traces(view) -> tuple[list, str]:
         traces.append(go.Scatter3d(x=c[:1, 0], y=c[:1, 2], z=-c[:1, 1], mode="markers", name=f"{name}: frame 0",
                                    marker=dict(size=6, color=colour, symbol="diamond"), showlegend=False))
 
+    def frusta(w2c: np.ndarray, K: np.ndarray, name: str, colour: str, size: float) -> None:
+        step = max(1, -(-len(w2c) // MAX_FRUSTA))
+        w = frustum_lines(w2c[::step], K[::step], view.record.width, view.record.height, size)
+        traces.append(go.Scatter3d(x=w[:, 0], y=w[:, 2], z=-w[:, 1], mode="lines", name=name,
+                                   hoverinfo="skip", line=dict(color=colour, width=2)))
+
+    if view.requested_w2c is not None and view.truth_w2c is None:
+        both = np.concatenate([camera.camera_centers(view.requested_w2c), camera.camera_centers(view.w2c)])
+        extent = float(np.max(np.ptp(both, axis=0)))
+        size = 0.12 * extent if extent > 1e-9 else 0.1  # a static camera: a unit-ish frustum
+        trace(view.requested_w2c, "requested", "#1f77b4", "dash")
+        frusta(view.requested_w2c, view.requested_K, "requested frusta", "#1f77b4", size)
+        trace(view.w2c, "predicted", "#d62728")
+        frusta(view.w2c, view.K, "predicted frusta", "#d62728", size)
+        return traces, "requested (blue, dashed) and predicted (red) cameras (world = camera of frame 0; z up = -y)"
     if view.truth_w2c is not None:
         trace(view.truth_w2c, "truth", "black")
         trace(view.aligned_w2c, "built (aligned to truth)", "#d62728", "dash")
@@ -78,6 +120,20 @@ def path_traces(view) -> tuple[list, str]:
 
 def _div(fig, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+#: the page machinery, for other pages in this style (`fwmodel report`)
+html_table, plotly_div = _table, _div
+
+
+def html_document(title: str, body: list[str]) -> str:
+    """A whole self-contained page: CSS, plotly.js inlined in the head (works offline), `body` parts."""
+    from plotly.offline import get_plotlyjs
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n"
+            f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 def path_figure(view, div_id: str) -> str:
@@ -177,8 +233,6 @@ def build_page(dataset: Path, meta: DatasetMetadata, out: Path, validation, samp
                truth: Optional[Path] = None, truth_meta: Optional[DatasetMetadata] = None, comparison=None,
                progress: Optional[Callable[[str], None]] = None) -> tuple[Path, list[Path]]:
     """Draw every sheet and write `out/index.html`; returns (index, sheets)."""
-    from plotly.offline import get_plotlyjs
-
     from fwdata.compare import aligned_trajectory, match_truth
     from fwdata.dataset.store import atomic_write_text
     from fwdata.report.sheet import draw_sheet, load_view
@@ -254,10 +308,7 @@ def build_page(dataset: Path, meta: DatasetMetadata, out: Path, validation, samp
             progress(rec.id)
     if paths:
         body.insert(paths_at, '<h2 id="paths">Camera paths (3-D)</h2>\n' + paths_figure(paths, "paths-all"))
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_e(meta.name or dataset.name)}: dataset report</title>\n<style>{CSS}</style>\n"
-            f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+    page = html_document(f"{meta.name or dataset.name}: dataset report", body)
     index = out / "index.html"
     atomic_write_text(index, page)
     return index, sheets

@@ -2,7 +2,8 @@
 
 Layout (one row each): a few frames of the video; their depth with one colour map and colour bar
 (invalid pixels light grey); their valid masks; the fused point cloud from two views, the camera
-path seen from above (with the aligned truth when given) and the sample's key numbers.
+path seen from above (with the aligned truth when given, or the requested path of a generated sample,
+requested_cameras/<id>.json) and the sample's key numbers.
 
 Beside `<id>.png` goes `<id>.json`, the sheet's panel map: for every depth panel the frame shown,
 its pixel box in the PNG, the colour map and its value range, and the path drawn from above. A
@@ -23,6 +24,7 @@ from fwdata.dataset import camera
 from fwdata.dataset.contract import (
     DEPTH_NPZ,
     POINTS_NPZ,
+    REQUESTED_CAMERAS_DIR,
     CameraFile,
     ContractError,
     SampleRecord,
@@ -55,6 +57,9 @@ class SampleView:
     cloud: Optional[np.ndarray] = None  # (N,3) world points, subsampled
     cloud_rgb: Optional[np.ndarray] = None  # (N,3) float 0..1
     w2c: Optional[np.ndarray] = None  # (T,4,4)
+    K: Optional[np.ndarray] = None  # (T,3,3) pixels
+    requested_w2c: Optional[np.ndarray] = None  # (T',4,4) requested_cameras/<id>.json (a generated sample)
+    requested_K: Optional[np.ndarray] = None  # (T',3,3) pixels
     truth_w2c: Optional[np.ndarray] = None  # (N,4,4) truth cameras of the shared frames
     aligned_w2c: Optional[np.ndarray] = None  # (N,4,4) built cameras in the truth's world (compare's Sim(3))
     problems: list[str] = field(default_factory=list)
@@ -92,10 +97,22 @@ def load_view(root: Path, rec: SampleRecord, cameras: Optional[CameraFile] = Non
         view.problems.append(f"points: {e}")
     try:
         cams = cameras or read_camera_json(resolve_inside(root, rec.paths.camera_json))
-        view.w2c = cams.w2c_array()
+        view.w2c, view.K = cams.w2c_array(), cams.intrinsics_array()
     except (ContractError, OSError) as e:
         view.problems.append(f"cameras: {e}")
+    requested = requested_cameras_path(root, rec.id)
+    if requested.is_file():
+        try:
+            req = read_camera_json(requested)
+            view.requested_w2c, view.requested_K = req.w2c_array(), req.intrinsics_array()
+        except (ContractError, OSError) as e:
+            view.problems.append(f"requested cameras: {e}")
     return view
+
+
+def requested_cameras_path(root: Path, sample_id: str) -> Path:
+    """`requested_cameras/<id>.json`: the cameras a generated sample was asked for (optional)."""
+    return Path(root) / REQUESTED_CAMERAS_DIR / f"{sample_id}.json"
 
 
 def _subsample_cloud(points: np.ndarray, valid: np.ndarray, index: list[int], rgb: Optional[dict]):
@@ -260,15 +277,23 @@ def _draw_path_top(ax, view: SampleView, centres: Optional[np.ndarray]) -> dict:
         ax.set_title("camera path from above (truth world)", fontsize=9)
         drawn = {"truth": gt[:, [0, 2]].tolist(), "built_aligned": al[:, [0, 2]].tolist()}
     else:
-        ax.plot(centres[:, 0], centres[:, 2], "-", color="tab:red", lw=1.5, label="camera")
+        drawn = {}
+        if view.requested_w2c is not None:  # a generated sample: the path asked for, beside the predicted one
+            req = camera.camera_centers(view.requested_w2c)
+            ax.plot(req[:, 0], req[:, 2], "--", color="tab:blue", lw=1.5, label="requested")
+            ax.plot(req[0, 0], req[0, 2], "s", color="tab:blue", ms=4)
+            drawn["requested"] = req[:, [0, 2]].tolist()
+        label = "predicted" if view.requested_w2c is not None else "camera"
+        ax.plot(centres[:, 0], centres[:, 2], "-", color="tab:red", lw=1.5, label=label)
         ax.plot(centres[0, 0], centres[0, 2], "o", color="tab:red", ms=5, label="frame 0")
         c2w = camera.invert_pose(view.w2c)
         step = max(1, len(c2w) // 8)
         fwd = c2w[::step, :3, 2]
         ax.quiver(centres[::step, 0], centres[::step, 2], fwd[:, 0], fwd[:, 2], angles="xy", width=0.006,
                   color="tab:blue", alpha=0.7)
-        ax.set_title("camera path from above", fontsize=9)
-        drawn = {"built": centres[:, [0, 2]].tolist()}
+        ax.set_title("camera path from above" + (": requested and predicted" if "requested" in drawn else ""),
+                     fontsize=9)
+        drawn["built"] = centres[:, [0, 2]].tolist()
     ax.set_xlabel("x", fontsize=8)
     ax.set_ylabel("z (forward)", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -15,6 +15,9 @@ Gate files can override any check's severity (or turn it ``off``).
 Validation never writes to the dataset: files are opened read-only and nothing is created. Samples
 are checked one at a time per worker (``workers`` processes), so peak memory is set by the largest
 sample, not by the dataset. Damaged files (npz, mp4, json, txt, ply) become findings, never crashes.
+
+A shard folder of `fwdata shard` (holding shards.json) gets the same per-sample checks and gates on
+samples streamed from its tars, plus the `shards.*` checks: `fwdata.validate.shards`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Callable, Iterator, Optional, Union
 from fwdata.dataset.contract import METADATA_FILE, SampleRecord
 from fwdata.runtime import WorkerDied, run_in_processes
 from fwdata.validate import gates
+from fwdata.validate import shards as _shards
 from fwdata.validate.metadata import check_metadata, check_tree, shown_path
 from fwdata.validate.registry import INTERNAL_IDS, REGISTRY, CheckTally, Severity, declared, emits
 from fwdata.validate.results import (
@@ -61,19 +65,20 @@ def _iter_results(root: Path, records: list[SampleRecord], tol: gates.Tolerances
     tol_d = tol.model_dump()
     tasks = [(str(root), rec.model_dump_json(), tol_d) for rec in records]
     for (_, rec_json, _), res, err in run_in_processes(_check_sample_task, tasks, workers, threads=1, ordered=True):
-        if err is None:
-            yield res
-            continue
-        rec = SampleRecord.model_validate_json(rec_json)
-        res = SampleResult(id=rec.id, status=rec.status, split=rec.split)
-        if isinstance(err, WorkerDied):
-            res.findings.append(Finding(check="internal.worker_crashed", severity=Severity.ERROR, sample=rec.id,
-                                        message="the worker process checking this sample died (a decoder crash on "
-                                                "a damaged file?)"))
-        else:
-            res.findings.append(Finding(check="internal.check_crashed", severity=Severity.ERROR, sample=rec.id,
-                                        message=f"checking the sample raised {type(err).__name__}: {err}"))
-        yield res
+        yield res if err is None else _crash_result(SampleRecord.model_validate_json(rec_json), err)
+
+
+def _crash_result(rec: SampleRecord, err: BaseException) -> SampleResult:
+    """The result of a sample whose worker died or whose checks raised."""
+    res = SampleResult(id=rec.id, status=rec.status, split=rec.split)
+    if isinstance(err, WorkerDied):
+        res.findings.append(Finding(check="internal.worker_crashed", severity=Severity.ERROR, sample=rec.id,
+                                    message="the worker process checking this sample died (a decoder crash on "
+                                            "a damaged file?)"))
+    else:
+        res.findings.append(Finding(check="internal.check_crashed", severity=Severity.ERROR, sample=rec.id,
+                                    message=f"checking the sample raised {type(err).__name__}: {err}"))
+    return res
 
 
 def check_path_option(what: str, path: Union[str, Path]) -> None:
@@ -110,6 +115,25 @@ def _check_overrides(config: gates.GateConfig) -> None:
         raise UsageError(f"gate file {config.name!r}: unknown check ids in [severity]: {unknown}")
 
 
+def _resolve_gates(opts: ValidateOptions, config: Optional[gates.GateConfig]) -> tuple[gates.GateConfig, str]:
+    """The gate config (`config`, or loaded from `opts.gates`) with --allow-random-init applied, and its name
+    for the report. Raises UsageError."""
+    if opts.gates is not None:
+        check_path_option("gate file", opts.gates)
+    if config is None:
+        try:
+            config = gates.load_gates(opts.gates)
+        except gates.GateError as e:
+            raise UsageError(str(e)) from None
+    _check_overrides(config)
+    gates_name = str(opts.gates) if opts.gates else f"{config.name} (built-in)"
+    if opts.allow_random_init and not config.dataset.allow_random_init_models:
+        config = config.model_copy(update={"dataset": config.dataset.model_copy(
+            update={"allow_random_init_models": True})})
+        gates_name += " with --allow-random-init"
+    return config, gates_name
+
+
 def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, int, int], None]] = None,
                      config: Optional[gates.GateConfig] = None) -> ValidationReport:
     """Validate the dataset at `opts.dataset` against the gate file `opts.gates` (or `config`).
@@ -125,19 +149,9 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
     check_path_option("dataset folder", root)
     if not root.is_dir():
         raise UsageError(f"dataset folder {root} does not exist")
-    if opts.gates is not None:
-        check_path_option("gate file", opts.gates)
-    if config is None:
-        try:
-            config = gates.load_gates(opts.gates)
-        except gates.GateError as e:
-            raise UsageError(str(e)) from None
-    _check_overrides(config)
-    gates_name = str(opts.gates) if opts.gates else f"{config.name} (built-in)"
-    if opts.allow_random_init and not config.dataset.allow_random_init_models:
-        config = config.model_copy(update={"dataset": config.dataset.model_copy(
-            update={"allow_random_init_models": True})})
-        gates_name += " with --allow-random-init"
+    config, gates_name = _resolve_gates(opts, config)
+    if _shards.is_shard_folder(root):  # a folder of WebDataset shards (`fwdata shard`): fwdata.validate.shards
+        return _shards.validate_shards(opts, config, gates_name, progress, started, t0)
     overrides = dict(config.severity)
     report = ValidationReport(dataset=str(root), gates=gates_name, started=started)
     tally = CheckTally()
@@ -166,40 +180,56 @@ def validate_dataset(opts: ValidateOptions, progress: Optional[Callable[[str, in
     facts: list[gates.SampleFacts] = []
     for n, res in enumerate(_iter_results(root, records, config.tolerances, opts.workers), start=1):
         rec = records[n - 1]
-        res.findings += _sample_gate_findings(res, rec, config)
-        res.findings = _apply_severity(res.findings, overrides)
-        tally.add_ran(res.ran + [gates.sample_gate_id(m) for m in config.sample] + sorted(INTERNAL_IDS))
-        for cid, why in res.skipped.items():
-            tally.add_skipped(cid, why)
-        passed = not any(f.severity == Severity.ERROR or (f.check.startswith("gate.") and f.severity != Severity.INFO)
-                         for f in res.findings)
-        summaries.append(SampleSummary(id=res.id, status=res.status, split=res.split, passed=passed,
-                                       errors=sum(f.severity == Severity.ERROR for f in res.findings),
-                                       warnings=sum(f.severity == Severity.WARNING for f in res.findings),
-                                       metrics=res.metrics))
-        sample_findings.extend(res.findings)
-        facts.append(gates.SampleFacts(id=res.id, split=res.split, status=res.status, source=rec.source.path,
-                                       start_frame=rec.source.start_frame, stride=rec.source.stride,
-                                       num_frames=rec.num_frames, passed=passed, video_sha1=res.video_sha1))
+        _add_sample_result(res, rec, config, overrides, tally, summaries, sample_findings, facts)
         if progress:
             progress(res.id, n, len(records))
 
-    for m in gates.METRICS:
-        if m not in config.sample:
-            tally.skipped[gates.sample_gate_id(m)] = (0, "no threshold in the gate file")
-    random_models = []
-    if meta_res.meta is not None:
-        random_models = [f"{m.role} model {m.name!r}" for m in meta_res.meta.provenance.models if m.random_init]
-    if not subset:
-        dataset_findings += tally.run(_dataset_gates, facts, random_models, config)
-    else:
-        for cid in _dataset_gates.check_ids:
-            if cid != "gate.random_init_model":
-                tally.add_skipped(cid, "dataset gates need the whole dataset (--sample given)")
-        dataset_findings += tally.run(_random_init_gate, random_models, config.dataset.allow_random_init_models)
+    random_models = _random_models(meta_res.meta.provenance) if meta_res.meta is not None else []
+    dataset_findings += _dataset_level(facts, random_models, config, subset, tally)
     report.summary.samples_total = len(meta_res.raw_samples)
     return _finish(report, _apply_severity(dataset_findings, overrides) + sample_findings, summaries, tally,
                    overrides, fatal=False, t0=t0)
+
+
+def _add_sample_result(res: SampleResult, rec: SampleRecord, config: gates.GateConfig, overrides: dict[str, str],
+                       tally: CheckTally, summaries: list[SampleSummary], sample_findings: list[Finding],
+                       facts: list[gates.SampleFacts]) -> None:
+    """Fold one sample's result into the report: its gate findings, severities, counts, summary and the
+    facts the dataset gates need (the one implementation for dataset folders and shard folders)."""
+    res.findings += _sample_gate_findings(res, rec, config)
+    res.findings = _apply_severity(res.findings, overrides)
+    tally.add_ran(res.ran + [gates.sample_gate_id(m) for m in config.sample] + sorted(INTERNAL_IDS))
+    for cid, why in res.skipped.items():
+        tally.add_skipped(cid, why)
+    passed = not any(f.severity == Severity.ERROR or (f.check.startswith("gate.") and f.severity != Severity.INFO)
+                     for f in res.findings)
+    summaries.append(SampleSummary(id=res.id, status=res.status, split=res.split, passed=passed,
+                                   errors=sum(f.severity == Severity.ERROR for f in res.findings),
+                                   warnings=sum(f.severity == Severity.WARNING for f in res.findings),
+                                   metrics=res.metrics))
+    sample_findings.extend(res.findings)
+    facts.append(gates.SampleFacts(id=res.id, split=res.split, status=res.status, source=rec.source.path,
+                                   start_frame=rec.source.start_frame, stride=rec.source.stride,
+                                   num_frames=rec.num_frames, passed=passed, video_sha1=res.video_sha1))
+
+
+def _random_models(provenance) -> list[str]:
+    """The randomly initialised models a dataset's `Provenance` names, as the random-init gate words them."""
+    return [f"{m.role} model {m.name!r}" for m in provenance.models if m.random_init]
+
+
+def _dataset_level(facts: list[gates.SampleFacts], random_models: list[str], config: gates.GateConfig, subset: bool,
+                   tally: CheckTally) -> list[Finding]:
+    """The dataset gates' findings (only the random-init gate for a subset of samples)."""
+    for m in gates.METRICS:
+        if m not in config.sample:
+            tally.skipped[gates.sample_gate_id(m)] = (0, "no threshold in the gate file")
+    if not subset:
+        return tally.run(_dataset_gates, facts, random_models, config)
+    for cid in _dataset_gates.check_ids:
+        if cid != "gate.random_init_model":
+            tally.add_skipped(cid, "dataset gates need the whole dataset (--sample given)")
+    return tally.run(_random_init_gate, random_models, config.dataset.allow_random_init_models)
 
 
 def _sample_gate_findings(res: SampleResult, rec: SampleRecord, config: gates.GateConfig) -> list[Finding]:

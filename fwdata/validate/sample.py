@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 from pydantic import ValidationError
@@ -33,13 +33,81 @@ from fwdata.dataset.contract import (
     PathEscapeError,
     SampleRecord,
     camera_txt_to_arrays,
-    read_camera_txt,
+    parse_camera_txt,
     read_npz,
     resolve_inside,
 )
 from fwdata.validate import gates
 from fwdata.validate.registry import REGISTRY, UndeclaredCheck, declared, emits
 from fwdata.validate.results import Finding, SampleResult
+
+
+class SampleFiles:
+    """Where one sample's files are read from, by dataset-relative path: a dataset folder (this class)
+    or in-memory bytes (`MemoryFiles`, e.g. the members of a WebDataset shard). The checks read every
+    file through it, so each check has one implementation whatever holds the files."""
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def open(self, rel: str) -> BinaryIO:
+        return open(self.root / rel, "rb")
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    @contextlib.contextmanager
+    def local_path(self, rel: str) -> Iterator[Path]:
+        """A path a native reader (the video decoder) can open."""
+        yield self.root / rel
+
+
+class MemoryFiles(SampleFiles):
+    """A sample's files as bytes in memory: dataset-relative path -> content. Nothing touches the disk:
+    a native reader that needs a path gets an anonymous in-memory file (Linux `memfd_create`; a
+    temporary file where that does not exist)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        super().__init__(".")
+        self.files = files
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.files
+
+    def open(self, rel: str) -> BinaryIO:
+        import io
+
+        if rel not in self.files:
+            raise FileNotFoundError(2, "No such file", rel)
+        return io.BytesIO(self.files[rel])
+
+    def read_bytes(self, rel: str) -> bytes:
+        if rel not in self.files:
+            raise FileNotFoundError(2, "No such file", rel)
+        return self.files[rel]
+
+    @contextlib.contextmanager
+    def local_path(self, rel: str) -> Iterator[Path]:
+        data = self.read_bytes(rel)
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create(Path(rel).name, 0)  # not inheritable: closed in child processes
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                yield Path(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=Path(rel).suffix) as fh:  # pragma: no cover - not Linux
+            fh.write(data)
+            fh.flush()
+            yield Path(fh.name)
 
 
 @dataclass
@@ -49,6 +117,11 @@ class _Ctx:
     tol: gates.Tolerances
     result: SampleResult
     _ran: set = field(default_factory=set)
+    files: Optional[SampleFiles] = None
+
+    def __post_init__(self) -> None:
+        if self.files is None:
+            self.files = SampleFiles(self.root)
 
     def emit(self, check: str, message: str, file: Optional[str] = None, value: Optional[float] = None) -> None:
         self.result.findings.append(Finding(check=check, severity=declared(check).severity, message=message,
@@ -99,20 +172,21 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _decoder_message(e: Exception, path: Path) -> str:
-    """A decoder error in one line, without the file name (the finding names it) or C++ source locations."""
+def _decoder_message(e: Exception, path: Path, name: Optional[str] = None) -> str:
+    """A decoder error in one line, without the file name (the finding names it) or C++ source locations.
+    `name`: what to call the file where the message still names it (default: its file name)."""
     import re
 
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    msg = msg.replace(f"{path}: ", "").replace(str(path), path.name)
+    msg = msg.replace(f"{path}: ", "").replace(str(path), name or path.name)
     msg = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", msg)
     return msg[:300]
 
 
-def _file_hashes(path: Path) -> tuple[str, str]:
+def _file_hashes(files: SampleFiles, rel: str) -> tuple[str, str]:
     """sha1 and sha256 of a file, read once in chunks."""
     h1, h256 = hashlib.sha1(), hashlib.sha256()
-    with open(path, "rb") as fh:
+    with files.open(rel) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h1.update(chunk)
             h256.update(chunk)
@@ -124,7 +198,6 @@ def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
     from fwdata.dataset import video
 
     rel = ctx.rec.paths.video
-    path = ctx.root / rel
     hashes: Optional[tuple[str, str]] = None
     expected = ctx.rec.video_sha256
     if expected is None:
@@ -132,18 +205,19 @@ def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
                                                "recorded)")
     else:
         with ctx.check("cross.video_matches_record"):
-            hashes = _file_hashes(path)
+            hashes = _file_hashes(ctx.files, rel)
             if hashes[1] != expected:
                 ctx.emit("cross.video_matches_record", f"the video's sha256 is {hashes[1][:16]}..., the record's "
                                                        f"video_sha256 is {expected[:16]}...: swapped, replaced or "
                                                        f"edited after the build", rel)
     frames = None
     with ctx.check("integrity.video_decode"):
-        try:
-            with _quiet_stderr():
+        with ctx.files.local_path(rel) as path, _quiet_stderr():
+            try:
                 info, frames = video.read_video(path)
-        except Exception as e:
-            ctx.emit("integrity.video_decode", f"video cannot be decoded: {_decoder_message(e, path)}", rel)
+            except Exception as e:
+                ctx.emit("integrity.video_decode", f"video cannot be decoded: "
+                                                   f"{_decoder_message(e, path, Path(rel).name)}", rel)
     if frames is None:
         ctx.skip("integrity.video_dims", "video not decodable")
         ctx.skip("integrity.video_fps", "video not decodable")
@@ -159,7 +233,7 @@ def _check_video(ctx: _Ctx) -> Optional[np.ndarray]:
             ctx.emit("integrity.video_fps", f"video plays at {info.fps:.4g} fps, the record says {ctx.rec.fps:.4g}",
                      rel, info.fps)
     with ctx.check("integrity.video_decode"):
-        ctx.result.video_sha1 = (hashes or _file_hashes(path))[0]
+        ctx.result.video_sha1 = (hashes or _file_hashes(ctx.files, rel))[0]
     return frames
 
 
@@ -174,12 +248,11 @@ def _check_npz(ctx: _Ctx, kind: str, rel: str, spec: dict[str, ArraySpec]) -> Op
     the record's T, H, W before any array is read (`contract.read_npz`): a decompression bomb or an
     array of the wrong size is refused without being allocated."""
     file_id, dtype_id, shape_id = f"integrity.{kind}_file", f"integrity.{kind}_dtype", f"integrity.{kind}_shape"
-    path = ctx.root / rel
     arrays: Optional[dict[str, np.ndarray]] = None
     problems: Optional[list[tuple[str, str]]] = None
     with ctx.check(file_id):
         try:
-            with open(path, "rb") as fh:
+            with ctx.files.open(rel) as fh:
                 arrays = read_npz(fh, spec, ctx.rec.dims, rel)
             problems = []
         except NpzError as e:
@@ -214,7 +287,7 @@ def _check_camera_json(ctx: _Ctx) -> Optional[CameraFile]:
     cams: Optional[CameraFile] = None
     with ctx.check("integrity.camera_json"):
         try:
-            raw = json.loads((ctx.root / rel).read_bytes())
+            raw = json.loads(ctx.files.read_bytes(rel))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             ctx.emit("integrity.camera_json", f"not valid JSON ({e})", rel)
             raw = None
@@ -333,9 +406,13 @@ def _check_camera_txt(ctx: _Ctx, cams: Optional[CameraFile]) -> None:
     rows = None
     with ctx.check("integrity.camera_txt"):
         try:
-            rows = read_camera_txt(ctx.root / rel)
+            try:
+                text = ctx.files.read_bytes(rel).decode()
+            except UnicodeDecodeError:
+                raise ContractError(f"{rel}: not a text file") from None
+            rows = parse_camera_txt(text, source=rel)
         except ContractError as e:
-            ctx.emit("integrity.camera_txt", str(e).replace(str(ctx.root / rel), rel), rel)
+            ctx.emit("integrity.camera_txt", str(e), rel)
     if rows is None:
         ctx.skip("cross.camera_txt_json", f"{rel} not readable")
         return
@@ -518,7 +595,8 @@ def _check_ply(ctx: _Ctx, points: Optional[dict], cams: Optional[CameraFile]) ->
     xyz = None
     with ctx.check("integrity.ply_file"):
         try:
-            xyz = read_ply_xyz(ctx.root / rel)
+            with ctx.files.local_path(rel) as path:
+                xyz = read_ply_xyz(path)
         except (ValueError, OSError) as e:
             ctx.emit("integrity.ply_file", f"not a readable point cloud: {e}", rel)
         if xyz is not None:
@@ -629,14 +707,17 @@ def _compute_metrics(ctx: _Ctx, video_metrics: dict[str, float], depth: Optional
 
 
 @emits("cross.points_match_depth")
-def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.Tolerances] = None) -> SampleResult:
+def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.Tolerances] = None,
+                 files: Optional[SampleFiles] = None) -> SampleResult:
     """Run every per-sample check on one sample whose paths were verified to stay inside `root`.
 
-    Loads one sample's files at a time (read-only) and returns its findings and metrics.
+    Loads one sample's files at a time (read-only) and returns its findings and metrics. `files`:
+    where the files are read from (default: the folder `root`; `MemoryFiles` for bytes in memory).
     """
     t0 = time.perf_counter()
-    ctx = _Ctx(Path(root), rec, tol or gates.Tolerances(), SampleResult(id=rec.id, status=rec.status, split=rec.split))
-    present = {rel for rel in rec.paths.all() if (ctx.root / rel).is_file()}
+    ctx = _Ctx(Path(root), rec, tol or gates.Tolerances(), SampleResult(id=rec.id, status=rec.status, split=rec.split),
+               files=files)
+    present = {rel for rel in rec.paths.all() if ctx.files.exists(rel)}
     frames = _check_video(ctx) if rec.paths.video in present else None
     video_metrics = _video_metrics(frames)
     del frames  # only one sample's arrays in memory at a time, and the frames not even that long
@@ -669,9 +750,12 @@ def check_sample(root: Union[str, Path], rec: SampleRecord, tol: Optional[gates.
 CRASH_TEST_ENV = "FWDATA_VALIDATE_TEST_CRASH"
 
 
-def _check_sample_task(args: tuple[str, str, dict]) -> SampleResult:
-    root, rec_json, tol = args
+def _check_sample_task(args: tuple) -> SampleResult:
+    """One sample in a worker process: (root, record JSON, tolerances) or, for files in memory,
+    (root, record JSON, tolerances, {relative path: bytes})."""
+    root, rec_json, tol = args[:3]
     rec = SampleRecord.model_validate_json(rec_json)
     if os.environ.get(CRASH_TEST_ENV) == rec.id:
         os._exit(70)
-    return check_sample(root, rec, gates.Tolerances.model_validate(tol))
+    files = MemoryFiles(args[3]) if len(args) > 3 else None
+    return check_sample(root, rec, gates.Tolerances.model_validate(tol), files=files)
