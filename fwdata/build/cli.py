@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -35,6 +36,7 @@ class RichBuildProgress:
         self.progress: Optional[Progress] = None
         self.task = None
         self.ok = self.failed = 0
+        self.t_start: Optional[float] = None
 
     def start(self, total: int, skipped: int) -> None:
         if self.quiet:
@@ -45,12 +47,16 @@ class RichBuildProgress:
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=self.console, transient=False)
         self.progress.start()
+        self.t_start = time.monotonic()
         self.task = self.progress.add_task("build", total=total, completed=skipped, status=self._status())
 
     def _status(self) -> str:
         s = f"[green]{self.ok} ok[/]"
         if self.failed:
             s += f" [red]{self.failed} failed[/]"
+        done = self.ok + self.failed
+        if done and self.t_start is not None:  # throughput of this run (skipped clips do not count)
+            s += f" {60 * done / max(time.monotonic() - self.t_start, 1e-9):.2f} clips/min"
         return s
 
     def clip_done(self, outcome: ClipOutcome) -> None:

@@ -170,3 +170,15 @@ def gt_sample_for(gt_meta, record):
 
 def kind_of(gt_record) -> str:
     return next(k for k in KINDS if f"path={k}" in " ".join(gt_record.notes))
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Every file below `root` (relative path -> bytes), for byte-for-byte comparisons of builds."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_files(a: dict[str, bytes], b: dict[str, bytes], what: str) -> None:
+    """The same files with the same bytes; names the files that differ."""
+    assert sorted(a) == sorted(b), f"{what}: different files"
+    differ = [name for name in a if a[name] != b[name]]
+    assert not differ, f"{what}: files differ byte for byte: {differ}"

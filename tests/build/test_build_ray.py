@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_same_files, dataset_files
 
 from fwdata.build.clips import plan_video
 from fwdata.build.executors import FAULT_KILL_CLIP
@@ -63,9 +64,6 @@ print("RESULTS", json.dumps(results))
 """
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def _comparable(files: dict[str, bytes], failure_runs: bool = True) -> dict[str, bytes]:
     """Every file as it is; metadata.json without the dataset name (the folder's) and the run fields."""
@@ -80,11 +78,6 @@ def _comparable(files: dict[str, bytes], failure_runs: bool = True) -> dict[str,
     out["metadata.json"] = json.dumps(meta, sort_keys=True).encode()
     return out
 
-
-def _assert_same(a: dict[str, bytes], b: dict[str, bytes], what: str) -> None:
-    assert sorted(a) == sorted(b), f"{what}: different files"
-    differ = [name for name in a if a[name] != b[name]]
-    assert not differ, f"{what}: files differ byte for byte: {differ}"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +133,7 @@ def test_ray_builds_the_same_bytes_as_the_local_executor(inputs, local_build, ra
     res, out = ray_builds["ray"], ray_builds["root"] / "ray"
     assert (res["built"], res["skipped"], len(res["failures"])) == (2, 0, 1)
     assert res["failures"][0]["source"].endswith("notes.mp4"), "one bad video does not stop the build"
-    _assert_same(_comparable(_files(local_build)), _comparable(_files(out)), "local vs ray")
+    assert_same_files(_comparable(dataset_files(local_build)), _comparable(dataset_files(out)), "local vs ray")
     options = json.loads((out / "metadata.json").read_text())["provenance"]["options"]
     assert "executor" not in options and "ray_address" not in options, "where clips ran is not part of the data"
     # resume either way: the local executor finds every clip of the Ray build finished
@@ -153,10 +146,10 @@ def test_a_killed_task_is_retried_by_ray(local_build, ray_builds):
     root = ray_builds["root"]
     assert (root / "retry.killed").is_file(), "the worker was really killed"
     assert ray_builds["retry"]["built"] == 1 and not ray_builds["retry"]["failures"]
-    ref, got = _files(local_build), _files(root / "retry")
+    ref, got = dataset_files(local_build), dataset_files(root / "retry")
     sample = [name for name in got if _forward_id() in name]
     assert len(sample) == 7, sample  # video, depth, points npz + ply, camera txt + json, marker
-    _assert_same({n: ref[n] for n in sample}, {n: got[n] for n in sample}, "retried clip vs local")
+    assert_same_files({n: ref[n] for n in sample}, {n: got[n] for n in sample}, "retried clip vs local")
 
 
 def test_a_killed_task_without_retries_is_recorded_and_the_rerun_finishes(local_build, ray_builds):
@@ -171,8 +164,8 @@ def test_a_killed_task_without_retries_is_recorded_and_the_rerun_finishes(local_
 
     assert (second["built"], second["skipped"]) == (1, 1), "the same command again builds the killed clip"
     assert [f.stage for f in load_metadata(root / "kill").failures] == [f.stage for f in load_metadata(local_build).failures]
-    _assert_same(_comparable(_files(local_build), failure_runs=False),
-                 _comparable(_files(root / "kill"), failure_runs=False), "killed + rerun vs uninterrupted")
+    assert_same_files(_comparable(dataset_files(local_build), failure_runs=False),
+                 _comparable(dataset_files(root / "kill"), failure_runs=False), "killed + rerun vs uninterrupted")
 
 
 # --------------------------------------------------------------------------- a cluster started by `ray start`
@@ -243,7 +236,7 @@ def test_a_two_node_cluster_started_by_ray_start_builds_the_same_bytes(inputs, l
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1, r.stdout + r.stderr  # 1: the text file failed, as in the local build
     assert "built 2" in r.stdout and "failed 1" in r.stdout, r.stdout
-    _assert_same(_comparable(_files(local_build)), _comparable(_files(out)), "local vs two-node ray cluster")
+    assert_same_files(_comparable(dataset_files(local_build)), _comparable(dataset_files(out)), "local vs two-node ray cluster")
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path):

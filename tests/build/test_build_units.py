@@ -388,3 +388,24 @@ def test_cli_usage_errors_exit_2(tmp_path, args, message):
     r = CliRunner().invoke(app, [subst.get(a, a) for a in args])
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())
+
+
+def test_progress_shows_throughput_of_this_run():
+    """The build's progress line: clips ok / failed and this run's clips per minute (skipped ones excluded)."""
+    import io
+
+    from rich.console import Console
+
+    from fwdata.build.cli import RichBuildProgress
+    from fwdata.build.pipeline import ClipOutcome
+
+    progress = RichBuildProgress(Console(file=io.StringIO(), width=120))
+    progress.start(total=5, skipped=2)
+    assert progress._status() == "[green]0 ok[/]"
+    progress.t_start -= 30.0  # 30 s into the run
+    progress.clip_done(ClipOutcome("a", "a.mp4", 0, True))
+    progress.clip_done(ClipOutcome("b", "b.mp4", 0, False, stage="sfm", reason="textureless"))
+    status = progress._status()
+    progress.finish()
+    rate = float(status.split("[/] ")[-1].split()[0])
+    assert status.startswith("[green]1 ok[/] [red]1 failed[/]") and 3.9 < rate <= 4.0  # 2 clips in ~30 s
