@@ -317,23 +317,10 @@ class MemorySource:
         return self.members[member]
 
     def frames(self, indices: Sequence[int]) -> np.ndarray:
-        """[T, Hs, Ws, 3] uint8 RGB, decoded by decord from the mp4 bytes (as fwdata.dataset.video.read_frames
-        decodes a file: one thread, the same frames)."""
-        import decord
+        """[T, Hs, Ws, 3] uint8 RGB, decoded in memory from the mp4 bytes (fwdata.dataset.video.read_frames)."""
+        from fwdata.dataset.video import read_frames
 
-        from fwdata.dataset.video import VideoError
-
-        label, indices = f"{self.where}.mp4", list(indices)
-        try:
-            vr = decord.VideoReader(io.BytesIO(self.data("mp4")), ctx=decord.cpu(0), num_threads=1)
-        except Exception as e:  # decord raises DECORDError / RuntimeError with long C++ traces
-            raise VideoError(f"{label}: not a readable video ({str(e).strip().splitlines()[-1][:200]})") from None
-        if max(indices) >= len(vr) or min(indices) < 0:
-            raise VideoError(f"{label}: frame index out of range (video has {len(vr)} frames)")
-        try:
-            return vr.get_batch(indices).asnumpy()
-        except Exception as e:
-            raise VideoError(f"{label}: decoding failed ({str(e).strip().splitlines()[0][:200]})") from None
+        return read_frames(f"{self.where}.mp4", list(indices), data=self.data("mp4"))
 
     def npz(self, member: str, spec: dict, dims: dict) -> dict:
         return read_npz(io.BytesIO(self.data(member)), spec, dims, f"{self.where}.{member}")

@@ -7,9 +7,10 @@ whole file into memory, which is what clip sampling needs; PyAV writes the clips
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,16 +59,18 @@ def content_fingerprint(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def _reader(path: Union[str, Path]):
+def _reader(path: Union[str, Path], data: Optional[bytes] = None):
+    """A decord reader of the file `path`, or of the mp4 bytes `data` (then `path` only names them in errors)."""
     import decord
 
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    if data is None:
+        path = Path(path)
+        if not path.is_file():
+            raise VideoError(f"{path}: file not found")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise VideoError(f"{path}: file is empty")
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        return decord.VideoReader(str(path) if data is None else io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     except Exception as e:  # decord raises DECORDError / RuntimeError with long C++ traces
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: not a readable video ({first})") from None
@@ -133,9 +136,13 @@ def decode_problems(path: Union[str, Path], first_time: float, last_time: float)
     return problems
 
 
-def read_frames(path: Union[str, Path], indices: Sequence[int] | None = None) -> np.ndarray:
-    """Decode frames (all, or the given indices) as uint8 RGB (T, H, W, 3)."""
-    vr = _reader(path)
+def read_frames(path: Union[str, Path], indices: Sequence[int] | None = None,
+                data: Optional[bytes] = None) -> np.ndarray:
+    """Decode frames (all, or the given indices) as uint8 RGB (T, H, W, 3).
+
+    `data`: the mp4's bytes (e.g. a shard member), decoded in memory; `path` then only names it in errors.
+    """
+    vr = _reader(path, data)
     if indices is None:
         indices = range(len(vr))
     indices = list(indices)
