@@ -68,6 +68,8 @@ def synth(
                                        rich_help_panel=EFFECTS_PANEL),
     p2: Optional[float] = typer.Option(None, "--p2", help="Tangential distortion p2.",
                                        rich_help_panel=EFFECTS_PANEL),
+    k3: Optional[float] = typer.Option(None, "--k3", help="Radial distortion k3 (the r^6 term; COLMAP's FULL_OPENCV).",
+                                       rich_help_panel=EFFECTS_PANEL),
     noise: Optional[float] = typer.Option(None, "--noise", help="Gaussian sensor noise std, 8-bit levels.",
                                           rich_help_panel=EFFECTS_PANEL),
     blur: Optional[float] = typer.Option(None, "--blur", help="Motion blur: shutter open for this fraction of the "
@@ -113,7 +115,7 @@ def synth(
             effects, kinds = effects_preset(preset)
         except ValueError as e:
             fail(str(e))
-    flags = {"k1": k1, "k2": k2, "p1": p1, "p2": p2, "noise_std": noise, "blur_shutter": blur,
+    flags = {"k1": k1, "k2": k2, "p1": p1, "p2": p2, "k3": k3, "noise_std": noise, "blur_shutter": blur,
              "exposure_drift": exposure_drift, "wb_drift": wb_drift, "h264_bpp": h264_bpp, "h264_crf": h264_crf,
              "keyframe_step": keyframe_step, "low_texture_walls": low_texture_walls, "moving_object": moving_object}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -442,8 +444,9 @@ def build(
     depth_model: Optional[str] = typer.Option(None, help="Depth model: hub id, local dir, or 'random-tiny'."),
     depth_prior: Optional[Path] = typer.Option(None, help="Import depth from this folder instead (see docs/BUILD.md)."),
     intrinsics: Optional[str] = typer.Option(None, help="Known intrinsics 'fx,fy,cx,cy' in source-video pixels, "
-                                                        "optionally with OpenCV distortion ',k1', ',k1,k2' or "
-                                                        "',k1,k2,p1,p2' (the clips are undistorted to pinhole)."),
+                                                        "optionally with OpenCV distortion ',k1', ',k1,k2', "
+                                                        "',k1,k2,p1,p2' or ',k1,k2,p1,p2,k3' (the clips are "
+                                                        "undistorted to pinhole)."),
     frames: Optional[int] = typer.Option(None, help="Frames per clip, 4k+1."),
     height: Optional[int] = typer.Option(None, help="Clip height, a multiple of 16."),
     width: Optional[int] = typer.Option(None, help="Clip width, a multiple of 16."),

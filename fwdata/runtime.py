@@ -111,7 +111,8 @@ def _worker_env(threads: int) -> Iterator[None]:
 
 
 def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, threads: int = 1,
-                     ordered: bool = False) -> Iterator[tuple[T, Optional[R], Optional[BaseException]]]:
+                     ordered: bool = False, on_flight: Optional[Callable[[int], None]] = None,
+                     ) -> Iterator[tuple[T, Optional[R], Optional[BaseException]]]:
     """Run `fn(item)` for every item in `workers` spawned processes; yield (item, result, error).
 
     - spawn, never fork: torch and COLMAP threads do not survive a fork;
@@ -119,7 +120,10 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
     - a bounded window (2 tasks per worker) is in flight, so neither tasks nor results pile up;
     - crash isolation: when a worker dies, every task that was in flight is run again alone in a
       fresh process, so only a task that kills its process again gets a `WorkerDied` error;
-    - `ordered`: results in the order of `items` (else as they finish).
+    - `ordered`: results in the order of `items` (else as they finish);
+    - `on_flight(n)`: called whenever the number of items in flight changes (handed to the workers,
+      not yet yielded: at most 2 per worker), before the results that lowered it are yielded, and
+      with 0 at the end.
 
     An exception raised by `fn` comes back as the error of its item; the pool goes on.
     """
@@ -145,6 +149,13 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
             except Exception as e:
                 return None, e
 
+    shown = [0]  # the in-flight count last reported
+
+    def flight(n: int) -> None:
+        if on_flight is not None and n != shown[0]:
+            shown[0] = n
+            on_flight(n)
+
     pool = new_pool()
     pending: deque = deque()  # (item, future) in submission order
     todo = iter(items)
@@ -155,6 +166,7 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
                 if item is _END:
                     break
                 pending.append((item, pool.submit(fn, item)))
+            flight(len(pending))
             if not pending:
                 return
             if ordered:
@@ -166,17 +178,22 @@ def run_in_processes(fn: Callable[[T], R], items: Sequence[T], workers: int, thr
             if any(isinstance(f.exception(), BrokenProcessPool) for _, f in finished):
                 # a worker died: what finished before is kept, everything else in flight runs alone
                 pool.shutdown(wait=False, cancel_futures=True)
+                left = len(pending)
                 for item, fut in list(pending):
                     if fut.done() and not fut.cancelled() and not isinstance(fut.exception(), BrokenProcessPool):
-                        yield (item, fut.result(), None) if fut.exception() is None else (item, None, fut.exception())
+                        result = (item, fut.result(), None) if fut.exception() is None else (item, None, fut.exception())
                     else:
-                        yield (item, *alone(item))
+                        result = (item, *alone(item))
+                    left -= 1
+                    flight(left)
+                    yield result
                 pending.clear()
                 pool = new_pool()
                 continue
             for pair in finished:
                 pending.remove(pair)
-                item, fut = pair
+            flight(len(pending))
+            for item, fut in finished:
                 err = fut.exception()
                 yield (item, None, err) if err is not None else (item, fut.result(), None)
     except BaseException:

@@ -1,8 +1,12 @@
 """`fwmodel bench`: time real training steps with synthetic inputs of the configured size.
 
-One step is what the trainer does: forward (Stage 1: geometry only; Stage 2: video + geometry with
-Plucker conditioning), the real losses, backward, AdamW. The backbone has random weights (no
-download needed; the speed of a frozen block does not depend on its values).
+One step is the trainer's own step, `fwmodel.train_step.train_step`, on the trainer's model
+(`build_model`) and optimizer (`build_optimizer`: AdamW + LR schedule, default [optim] settings):
+seeded noise, Plucker rays from the cameras (Stage 2), forward (Stage 1: geometry only; Stage 2:
+video + geometry), the real losses, backward, the grad norms per module, clipping to optim.grad_clip,
+AdamW. Only the inputs are synthetic (`synthetic_batch`, a cached-latent batch of the configured size)
+and the backbone has random weights (no download needed; the speed of a frozen block does not depend
+on its values).
 
 Reported:
     step time       median of the timed steps (after warm-up), seconds
@@ -13,20 +17,27 @@ Reported:
     MFU             TFLOP/s / the device's dense bf16 peak (known GPUs, or --peak-tflops)
     peak memory     torch.cuda.max_memory_allocated (CPU: peak resident set size), and the
                     preflight estimate for the same configuration
+    grad norm       the global grad norm of the last timed step, before clipping (finite: the step ran)
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from pydantic import BaseModel
 
 from fwmodel.config import get_preset
-from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
+from fwmodel.distributed import Dist, allow_tf32
 from fwmodel.memory import GIB, estimate_memory
+from fwmodel.train_config import TrainConfig
+from fwmodel.train_log import RunLogger, peak_memory_gib
+from fwmodel.train_model import build_model
+from fwmodel.train_step import StepResult, build_optimizer, module_groups, train_step
 
 # Dense bf16 peak TFLOP/s (no sparsity). Checked in this order (H200 before H20).
 PEAK_TFLOPS = [
@@ -58,6 +69,8 @@ class BenchResult(BaseModel):
     mfu: Optional[float]
     peak_memory_gib: float
     estimated_memory_gib: float
+    grad_norm: float  # global grad norm of the last timed step, before clipping
+    loss_total: float  # loss/total of the last timed step
 
 
 def device_peak_tflops(device: torch.device) -> Optional[float]:
@@ -71,6 +84,9 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def synthetic_batch(config, stage: int, batch: int, frames: int, height: int, width: int, device, seed: int = 0):
+    """A micro-batch as the trainer's loader gives it with a latent cache (`train_step`'s input), on `device`:
+    latents [B, 16, S, H/8, W/8], text [B, 512, text_dim], depth/points ground truth with all-valid masks,
+    pose_enc [B, T, 9], identity w2c and a pinhole K (focal W/2, pixels) per frame. Seeded by `seed`."""
     g = torch.Generator().manual_seed(seed)
     S = (frames - 1) // 4 + 1
     eye = torch.eye(4).expand(batch, frames, 4, 4).clone()
@@ -86,8 +102,6 @@ def synthetic_batch(config, stage: int, batch: int, frames: int, height: int, wi
         "w2c": eye,
         "K": K.clone(),
     }
-    if stage == 2:
-        data["plucker"] = torch.randn(batch, frames, height, width, 6, generator=g)
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -123,6 +137,50 @@ def count_model_flops(config, stage: int, batch: int, frames: int, height: int, 
     return float(counter.get_total_flops())
 
 
+def bench_config(preset: str, stage: int, batch_size: int = 1, num_frames: int = 81, height: int = 336,
+                 width: int = 592, gradient_checkpointing: bool = True, mixed_precision: str = "bf16") -> TrainConfig:
+    """The training config the bench runs: the given size and precision, random Wan weights (backbone in bf16
+    with mixed_precision bf16, else fp32), one micro-batch per step, every other setting the trainer's default."""
+    bf16 = mixed_precision == "bf16"
+    return TrainConfig.model_validate({
+        "train": {"stage": stage, "batch_size": batch_size},
+        "model": {"preset": preset, "wan_weights": "random", "gradient_checkpointing": gradient_checkpointing,
+                  "backbone_dtype": "bfloat16" if bf16 else "float32", "mixed_precision": mixed_precision},
+        "data": {"num_frames": num_frames, "height": height, "width": width},
+    })
+
+
+@dataclass
+class BenchStep:
+    """The trainer's model, optimizer, LR schedule and grad-norm groups for `cfg`, and one synthetic batch."""
+
+    cfg: TrainConfig
+    dist: Dist
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    groups: dict
+    batch: dict
+
+    def step(self, step: int) -> StepResult:
+        """Optimizer step number `step` (1-based: its noise seeds) on the synthetic batch: `train_step`."""
+        return train_step(self.model, itertools.repeat(self.batch), self.optimizer, self.scheduler, self.groups,
+                          self.cfg, self.dist, step=step)
+
+
+def prepare_bench(cfg: TrainConfig, device: torch.device) -> BenchStep:
+    """Build what `train()` builds for `cfg` on `device` (`build_model`, `build_optimizer`, `module_groups`)."""
+    d = Dist(device=device)
+    if device.type == "cuda":
+        allow_tf32(not cfg.train.deterministic)  # as init_distributed does for the trainer
+    model = build_model(cfg, device, RunLogger(d, quiet=True, echo=lambda m: None))
+    _, optimizer, scheduler = build_optimizer(model, cfg, device)
+    config = get_preset(cfg.model.preset)
+    batch = synthetic_batch(config, cfg.train.stage, cfg.train.batch_size, cfg.data.num_frames, cfg.data.height,
+                            cfg.data.width, device)
+    return BenchStep(cfg, d, model, optimizer, scheduler, module_groups(model, cfg.train.stage), batch)
+
+
 def run_bench(
     preset: str,
     stage: int,
@@ -140,11 +198,11 @@ def run_bench(
     flops_device: str = "meta",
     echo=print,
 ) -> BenchResult:
-    from fwmodel.model import FantasyWorldModel
-    from fwmodel.stages import set_trainable, trainable_parameters
-
+    """Time `steps` trainer steps (`train_step`) after `warmup` untimed ones; see the module docstring."""
     if (num_frames - 1) % 4 or height % 16 or width % 16:
         raise ValueError("frames must be 4k+1 and height/width multiples of 16")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be at least 1 and --warmup at least 0 (got {steps} and {warmup})")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     config = get_preset(preset)
     bf16 = mixed_precision == "bf16"
@@ -152,52 +210,26 @@ def run_bench(
                           2 if bf16 else 4, 2 if bf16 else 4)
     flops = count_model_flops(config, stage, batch_size, num_frames, height, width, flops_device) if count_flops else None
 
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = FantasyWorldModel(config)
-    if bf16:
-        model.backbone.to(torch.bfloat16)
-    set_trainable(model, stage)
-    model.gradient_checkpointing = gradient_checkpointing
-    model.train()
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-5, fused=dev.type == "cuda")
-    batch = synthetic_batch(config, stage, batch_size, num_frames, height, width, dev)
-    backbone_dtype = next(model.backbone.parameters()).dtype
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    loss_cfg, diff_cfg = LossConfig(), DiffusionConfig()
-
-    def one_step(i: int) -> None:
-        noised = add_noise(batch["latents"], diff_cfg, [i * 1000 + b for b in range(batch_size)])
-        with autocast:
-            out = model(noised.noisy.to(backbone_dtype), noised.timestep, batch["text"].to(backbone_dtype),
-                        plucker=batch.get("plucker"), video=stage == 2)
-            losses = compute_losses(out, batch, stage, loss_cfg, noised)
-        losses.total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    bench = prepare_bench(bench_config(preset, stage, batch_size, num_frames, height, width, gradient_checkpointing,
+                                       mixed_precision), dev)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     for i in range(warmup):
-        one_step(i)
+        bench.step(i + 1)
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        one_step(warmup + i)
+        last = bench.step(warmup + i + 1)
         sync()
         times.append(time.perf_counter() - t0)
         echo(f"  step {i + 1}/{steps}: {times[-1]:.3f} s")
-    if dev.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(dev) / GIB
-    else:
-        import resource
-
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    peak_mem = peak_memory_gib(dev)
     step_time = statistics.median(times)
     S = (num_frames - 1) // 4 + 1
     tokens = S * (height // 16) * (width // 16)
@@ -214,6 +246,7 @@ def run_bench(
         achieved_tflops=achieved, peak_tflops=peak,
         mfu=achieved / peak if (achieved is not None and peak) else None,
         peak_memory_gib=peak_mem, estimated_memory_gib=est.total / GIB,
+        grad_norm=float(last.grad_norm), loss_total=float(last.losses["loss/total"]),
     )
 
 
@@ -233,4 +266,5 @@ def render(result: BenchResult) -> str:
         f"  MFU              {'n/a' if result.mfu is None else f'{100 * result.mfu:.1f}%'}"
         + (f" (peak {result.peak_tflops:.0f} TFLOP/s bf16)" if result.peak_tflops else " (unknown device peak: --peak-tflops)"),
         f"  peak memory      {result.peak_memory_gib:.2f} GiB (preflight estimate {result.estimated_memory_gib:.2f} GiB)",
+        f"  last step        loss {result.loss_total:.4f}, grad norm {result.grad_norm:.4f} (before clipping)",
     ])

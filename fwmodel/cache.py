@@ -15,6 +15,10 @@ pipelines do; the DiT never receives a mask). Each sample's entry records a fing
 metadata record, so a rebuilt sample is not served stale latents. Files are written atomically and
 finished samples are skipped on rerun.
 
+On WebDataset shards (`fwmodel cache SHARDS`, SHARDS holding shards.json) the same entries are written as
+tar shards matching the data shards (`build_shard_cache`, `ShardedLatentCache`; the layout is described
+at "the cache as tar shards" below), so a cluster ships shards only.
+
 `write_tiny_encoders(dir, text_dim)` writes a tiny *random* VAE and UMT5 (+ a character tokenizer) in
 the Wan repository layout (vae/, text_encoder/, tokenizer/) for tests and demos; caches made with
 them are marked random_init. `random-tiny` as the VAE or text-encoder path (`fwmodel cache --vae
@@ -31,15 +35,17 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from fwdata import __version__
 from fwdata.dataset.layout import DERIVED_DIRS
 from fwdata.dataset.contract import SampleRecord
+from fwdata.shards.format import ShardInfo
 from fwdata.textout import plural
 from fwmodel.config import WAN_TEXT_LEN
 from fwmodel.data import (
@@ -62,7 +68,8 @@ RANDOM_TINY_SEED = 0
 
 
 class CacheError(DataError):
-    """The cache is missing, stale or does not fit the run; the message says what to do."""
+    """The cache is missing, stale or does not fit the run; the message says what to do (one line; from a
+    DataLoader worker too, see `DataError`)."""
 
 
 def cache_root(dataset: Path, cache_dir: Optional[Path] = None) -> Path:
@@ -316,9 +323,17 @@ class LatentCache:
 
     @classmethod
     def find(cls, cfg: DataConfig) -> Optional["LatentCache"]:
-        """The cache matching `cfg` (root, frames, size, stride, window), or None when there is none."""
+        """The cache matching `cfg` (root, frames, size, stride, window), or None when there is none: a
+        folder cache (cache.json), or a sharded one (`ShardedLatentCache`, its index cache-shards.json; the
+        root may then be a URL)."""
+        from fwmodel.shard_data import _exists, location
+
         directory = cache_path(cfg.root, cfg.clip_spec(), cfg.cache_dir)
-        return cls(directory) if (directory / "cache.json").is_file() else None
+        if (directory / "cache.json").is_file():
+            return LatentCache(directory)
+        if _exists(location(directory), SHARD_CACHE_INDEX):
+            return ShardedLatentCache(directory)
+        return None
 
     @property
     def text_dim(self) -> int:
@@ -397,43 +412,82 @@ def _atomic_save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> 
     os.replace(tmp, path)
 
 
-def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
-    """Encode every selected sample (skipping finished ones); returns the cache folder.
-
-    `progress(sample_id, n, total)` is called with ("", 0, total) before the first sample to encode
-    (total: the samples this run encodes) and with (id, n, total) after the n-th."""
+def _cache_spec(opts: CacheOptions) -> tuple[DataConfig, ClipSpec]:
+    """The data config of a cache run (root = the dataset, every selected sample) and its clip spec."""
     data = opts.data.model_copy(update={"root": Path(opts.dataset), "max_samples": None})
     spec = data.clip_spec()
     if spec.window == "random":
         raise CacheError('data.window = "random" cannot be cached (the window changes every epoch); use "start" or "center"')
+    return data, spec
+
+
+def _read_captions(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(f"captions file {path} is unreadable ({err}); it must be JSON {{sample id: text}}") from None
+
+
+def _encoders(opts: CacheOptions) -> tuple["VideoEncoder", "TextEncoder"]:
+    device = _device(opts.device)
+    dtype = _DTYPES[opts.encoder_dtype]
+    return (VideoEncoder(opts.vae, device, dtype),
+            TextEncoder(opts.text_encoder, device, dtype, text_dim=opts.text_dim))
+
+
+def _check_same_encoders(before: dict, directory: Path, vae: "VideoEncoder", text_encoder: "TextEncoder") -> None:
+    """CacheError when the existing cache (its provenance `before`: cache.json or the shard cache index) was
+    made with a text encoder of another width, or with random where these are real (or the reverse)."""
+    if before and before.get("text_encoder", {}).get("d_model") != text_encoder.dim:
+        raise CacheError(f"{directory} was made with another text encoder; delete it or pass the same --text-encoder")
+    for what, option, encoder in (("VAE", "--vae", vae), ("text encoder", "--text-encoder", text_encoder)):
+        was = before.get("vae" if what == "VAE" else "text_encoder")
+        if was and bool(was.get("random_init")) != bool(encoder.provenance()["random_init"]):
+            kinds = {True: "a randomly initialised", False: "a real (pretrained)"}
+            raise CacheError(
+                f"{directory} was made with {kinds[bool(was.get('random_init'))]} {what} ({was.get('path')}), "
+                f"not {kinds[bool(encoder.provenance()['random_init'])]} one: mixing them would mislabel the cache; "
+                f"delete the folder or pass the same {option}"
+            )
+
+
+def _encode_sample(record: SampleRecord, source, spec: ClipSpec, vae: "VideoEncoder") -> tuple[int, list[int], torch.Tensor]:
+    """(window start, clip frame indices, latents [16, S, H/8, W/8]) of one sample; `source` is the dataset
+    root, or a MemorySource of the sample's shard members."""
+    start = window_start(record.num_frames, spec)
+    indices = list(range(start, start + spec.span, spec.frame_stride))
+    plan = ResizePlan.cover((record.height, record.width), (spec.height, spec.width))
+    video = load_frames(source, record, indices, plan)[None]
+    return start, indices, vae(video)[0]
+
+
+def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
+    """Encode every selected sample (skipping finished ones); returns the cache folder. On WebDataset
+    shards (`opts.dataset` holds shards.json) the cache is written as tar shards (`build_shard_cache`).
+
+    `progress(sample_id, n, total)` is called with ("", 0, total) before the first sample to encode
+    (total: the samples this run encodes) and with (id, n, total) after the n-th."""
+    from fwmodel.shard_data import check_not_incomplete, is_shard_root
+
+    check_not_incomplete(opts.dataset)
+    if is_shard_root(opts.dataset):
+        return build_shard_cache(opts, progress)
+    data, spec = _cache_spec(opts)
     selection = select_samples(data.root, data)
-    captions = {}
-    if opts.captions is not None:
-        try:
-            captions = json.loads(Path(opts.captions).read_text())
-        except (OSError, ValueError) as err:
-            raise CacheError(f"captions file {opts.captions} is unreadable ({err}); it must be JSON {{sample id: text}}") from None
+    captions = _read_captions(opts.captions)
     directory = cache_path(data.root, spec, data.cache_dir)
+    if (directory / SHARD_CACHE_INDEX).is_file():
+        raise CacheError(f"{directory} holds a sharded latent cache ({SHARD_CACHE_INDEX}); pass another --cache-dir "
+                         "for the folder one")
     manifest_path = directory / "cache.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     done: dict = manifest.get("samples", {})
 
-    device = _device(opts.device)
-    dtype = _DTYPES[opts.encoder_dtype]
     storage = _DTYPES[opts.storage_dtype]
-    vae = VideoEncoder(opts.vae, device, dtype)
-    text_encoder = TextEncoder(opts.text_encoder, device, dtype, text_dim=opts.text_dim)
-    if manifest and manifest.get("text_encoder", {}).get("d_model") != text_encoder.dim:
-        raise CacheError(f"{directory} was made with another text encoder; delete it or pass the same --text-encoder")
-    for what, option, encoder in (("VAE", "--vae", vae), ("text encoder", "--text-encoder", text_encoder)):
-        before = manifest.get("vae" if what == "VAE" else "text_encoder")
-        if before and bool(before.get("random_init")) != bool(encoder.provenance()["random_init"]):
-            kinds = {True: "a randomly initialised", False: "a real (pretrained)"}
-            raise CacheError(
-                f"{directory} was made with {kinds[bool(before.get('random_init'))]} {what} ({before.get('path')}), "
-                f"not {kinds[bool(encoder.provenance()['random_init'])]} one: mixing them would mislabel the cache; "
-                f"delete the folder or pass the same {option}"
-            )
+    vae, text_encoder = _encoders(opts)
+    _check_same_encoders(manifest, directory, vae, text_encoder)
 
     def write_manifest() -> None:
         info = {
@@ -460,11 +514,7 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
     if progress:
         progress("", 0, len(todo))
     for n, record in enumerate(todo):
-        start = window_start(record.num_frames, spec)
-        indices = list(range(start, start + spec.span, spec.frame_stride))
-        plan = ResizePlan.cover((record.height, record.width), (spec.height, spec.width))
-        video = load_frames(data.root, record, indices, plan)[None]
-        latents = vae(video)[0]
+        start, indices, latents = _encode_sample(record, data.root, spec, vae)
         prompt = captions.get(record.id, data.prompt)
         text_file = f"text/{prompt_key(prompt)}.safetensors"
         if not (directory / text_file).is_file():
@@ -485,3 +535,396 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
     if not todo:
         write_manifest()
     return directory
+
+
+# --------------------------------------------------------------------------- the cache as tar shards
+#
+#     <cache root>/<T>x<H>x<W>-s<stride>-<window>/     (default root: SHARDS/.fwmodel_cache)
+#         cache-shards.json       ShardCacheIndex: the folder cache's provenance keys (vae, text_encoder,
+#                                 spec, dtypes), the data shards it matches, one ShardInfo per cache
+#                                 shard (bytes, sha256) and one entry per sample (key, shard, window,
+#                                 record fingerprint, sha256 of its members)
+#         shard-000000.tar ...    one per data shard holding cached samples, with the data shard's name;
+#                                 WebDataset samples with the data sample's key (%08d), in key order,
+#                                 members latents.safetensors ("latents" [16, S, H/8, W/8]) and
+#                                 text.safetensors ("text" [512, text_dim], metadata "prompt"): the
+#                                 bytes of the folder cache's latents/<id> and text/<sha> files
+#
+# The trainer streams cache shard N beside data shard N (fwmodel.shard_data): one open tar each, read
+# forward, so the sample order, ranks, workers and resume position are the data stream's.
+
+SHARD_CACHE_INDEX = "cache-shards.json"
+SHARD_CACHE_FORMAT = "fwmodel-latent-cache-shards"
+LATENTS_MEMBER = "latents.safetensors"
+TEXT_MEMBER = "text.safetensors"
+CACHE_MEMBERS = (LATENTS_MEMBER, TEXT_MEMBER)
+
+
+class ShardCacheEntry(BaseModel):
+    """One sample of a sharded cache (keys as the folder cache's cache.json entries, plus where it is)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(pattern=r"^\d{8}$", description="the data sample's WebDataset key (manifest index, %08d)")
+    shard: str = Field(pattern=r"^shard-\d{6}\.tar$", description="the data shard (and cache shard) holding it")
+    window_start: int = Field(ge=0)
+    frames: list[int]
+    record: str = Field(description="fingerprint of the sample's record (fwmodel.data.record_fingerprint)")
+    prompt: str = Field(description="prompt_key of the encoded prompt")
+    latent_shape: list[int]
+    sha256: dict[str, str] = Field(description="member -> sha256 of its bytes (checked when it is read)")
+
+
+class ShardCacheIndex(BaseModel):
+    """`cache-shards.json`, the index of a sharded latent cache."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["fwmodel-latent-cache-shards"] = SHARD_CACHE_FORMAT
+    version: Literal[1] = CACHE_VERSION
+    tool_version: str = ""
+    dataset: str = Field(description="the data shards as given to `fwmodel cache`")
+    dataset_fingerprint: str = Field(description="their shards.json dataset_fingerprint when cached")
+    spec: dict
+    storage_dtype: str
+    encoder_dtype: str
+    vae: dict
+    text_encoder: dict
+    shards: list[ShardInfo] = Field(default_factory=list)
+    samples: dict[str, ShardCacheEntry] = Field(default_factory=dict)
+
+
+class ShardedLatentCache(LatentCache):
+    """A finished sharded cache for one clip spec (see above). Its entries are read from its shards by the
+    shard stream (`reader`, `sample`); `load(id)` alone cannot serve them."""
+
+    def __init__(self, directory):
+        from fwmodel.shard_data import _join, _open, location
+
+        self.dir = Path(directory)
+        self.location = location(directory)
+        self.index_path = _join(self.location, SHARD_CACHE_INDEX)
+        try:
+            with _open(self.location, SHARD_CACHE_INDEX) as f:
+                raw = json.loads(f.read())
+        except (OSError, ValueError) as err:
+            raise CacheError(f"sharded latent cache index {self.index_path} is unreadable ({str(err)[:200]}); run "
+                             "`fwmodel cache SHARDS` again") from None
+        if not isinstance(raw, dict) or raw.get("format") != SHARD_CACHE_FORMAT:
+            raise CacheError(f"{self.index_path} is not a sharded fwmodel latent cache index")
+        try:
+            self.index = ShardCacheIndex.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise CacheError(f"{self.index_path}: {'.'.join(map(str, first['loc']))}: {first['msg']}; run `fwmodel "
+                             "cache SHARDS` again") from None
+        self.info = self.index.model_dump(mode="json")
+        self.samples = self.info["samples"]
+        self.shard_info = {s.name: s for s in self.index.shards}
+        self.by_shard: dict[str, dict[str, dict]] = {}  # shard name -> {sample id: entry}, key order
+        for sample_id, entry in sorted(self.samples.items(), key=lambda ie: ie[1]["key"]):
+            self.by_shard.setdefault(entry["shard"], {})[sample_id] = entry
+
+    def _command(self) -> str:
+        return f"fwmodel cache {getattr(self, 'data_location', self.index.dataset)} --vae PATH --text-encoder PATH"
+
+    def check_covers(self, records: Sequence[SampleRecord], text_dim: Optional[int], shards=None,
+                     global_index: Optional[Sequence[int]] = None) -> None:
+        """The folder cache's checks (every record cached, none stale, the text width), then, against the
+        data `shards` (a fwmodel.shard_data.ShardSet; `global_index[i]` is records[i]'s manifest index):
+        each sample under its data shard's name and key, and every cache shard holding one listed,
+        present with its size, and holding exactly the keys the index says (its tar headers are walked,
+        no member is read). Without `shards` (a dataset folder) the cache is refused."""
+        if shards is None:
+            raise CacheError(
+                f"the latent cache {self.dir} is sharded: it serves training on the shards it was made from "
+                f"(`--data {self.index.dataset}`), not a dataset folder; make a folder cache with `fwmodel cache "
+                "DATASET ...`, or point data.cache_dir elsewhere")
+        self.data_location = shards.location  # what the messages tell to cache again
+        super().check_covers(records, text_dim)
+        needed: set[str] = set()
+        for record, g in zip(records, global_index):
+            entry = self.samples[record.id]
+            shard = shards.index.shards[shards.shard_of[g]].name
+            if (entry["shard"], entry["key"]) != (shard, f"{g:08d}"):
+                raise CacheError(
+                    f"latent cache {self.dir} was made for other shards: sample {record.id} is {shard}/{g:08d} in "
+                    f"{shards.location}, {entry['shard']}/{entry['key']} in the cache; run `{self._command()}` again")
+            needed.add(shard)
+        data_shards = {s.name: s for s in shards.index.shards}
+        for name in sorted(needed):
+            self._check_shard(name, data_shards[name])
+
+    def _check_shard(self, name: str, data_shard: ShardInfo) -> None:
+        from fwmodel.shard_data import _exists, _is_url, _join
+
+        where = _join(self.location, name)
+        info = self.shard_info.get(name)
+        if info is None:
+            raise CacheError(f"{self.index_path} lists no shard {name} for its samples in it; run `{self._command()}` "
+                             "again")
+        if _is_url(self.location):
+            present = _exists(self.location, name)
+        else:
+            path = Path(self.location) / name
+            present = path.is_file()
+            if present and path.stat().st_size != info.bytes:
+                raise CacheError(f"cache shard {where} is damaged: {path.stat().st_size} bytes, {SHARD_CACHE_INDEX} "
+                                 f"says {info.bytes} (truncated?); run `{self._command()}` again")
+        if not present:
+            raise CacheError(f"cache shard {where} is missing ({SHARD_CACHE_INDEX} lists it): copy the whole cache "
+                             f"folder, or run `{self._command()}` again")
+        keys = [index for index, _ in self.reader(data_shard, lambda i, m: False)]
+        expected = [int(e["key"]) for e in self.by_shard.get(name, {}).values()]
+        if keys != expected or len(keys) != info.num_samples:
+            raise CacheError(f"cache shard {where} holds {len(keys)} samples, {SHARD_CACHE_INDEX} lists "
+                             f"{len(expected)} (a damaged tar header ends it early?); run `{self._command()}` again")
+
+    def reader(self, data_shard: ShardInfo, want: Callable[[int, str], bool]):
+        """(global index, {member: bytes}) of the cache shard matching `data_shard`, in key order (see
+        fwmodel.shard_data.iter_shard); CacheError when it cannot be read."""
+        from fwmodel.shard_data import _join, iter_shard
+
+        try:
+            yield from iter_shard(self.location, data_shard, want)
+        except CacheError:
+            raise
+        except DataError:  # iter_shard's: a tar that cannot be read, or a key outside the data shard's range
+            raise CacheError(f"cache shard {_join(self.location, data_shard.name)} is damaged (not a readable tar of "
+                             f"that shard's keys); run `{self._command()}` again") from None
+
+    def sample(self, sample_id: str, members: dict[str, bytes], where: str) -> "CachedSample":
+        """The cache entry of `sample_id` with its members as read from its cache shard (`where` names it)."""
+        return CachedSample(self, sample_id, members, where)
+
+    def load(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise CacheError(f"the latent cache {self.dir} is sharded: its entries are streamed with the shards "
+                         f"(`--data {self.index.dataset}`)")
+
+
+class CachedSample:
+    """One sample's entry of a sharded cache, with its member bytes: the `window_start` / `load` that
+    fwmodel.data.make_sample asks a cache for. `load` checks each member's sha256 against the index."""
+
+    def __init__(self, cache: ShardedLatentCache, sample_id: str, members: dict[str, bytes], where: str):
+        self.cache, self.entry, self.members, self.where = cache, cache.samples[sample_id], members, where
+
+    def window_start(self, sample_id: str) -> int:
+        return int(self.entry["window_start"])
+
+    def load(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors.torch import load as load_bytes
+
+        out = []
+        for member, name in ((LATENTS_MEMBER, "latents"), (TEXT_MEMBER, "text")):
+            data = self.members.get(member)
+            if data is None or hashlib.sha256(data).hexdigest() != self.entry["sha256"].get(member):
+                what = "is missing" if data is None else f"does not match its sha256 in {SHARD_CACHE_INDEX}"
+                raise CacheError(f"cache shard {self.where}.{member} {what}: the cache shard is damaged; run "
+                                 f"`{self.cache._command()}` again")
+            try:
+                out.append(load_bytes(data)[name].float())
+            except Exception as err:  # safetensors raises its own error types
+                raise CacheError(f"cache shard {self.where}.{member} is unreadable ({str(err)[:200]}); run "
+                                 f"`{self.cache._command()}` again") from None
+        return out[0], out[1]
+
+
+@dataclass
+class _PlannedSample:
+    record: SampleRecord
+    index: int  # global (manifest) index
+    entry: dict  # ShardCacheEntry fields known before encoding (no latent_shape, sha256)
+    prompt: Optional[str]  # None: not selected this run (kept only when its previous bytes can be reused)
+    reuse: Optional[dict] = None  # the previous run's full entry, when its bytes are reused
+
+
+_PLAN_KEYS = ("key", "shard", "window_start", "frames", "record", "prompt")
+
+
+def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
+    """The latent cache of the WebDataset shards `opts.dataset`, as tar shards matching them (see above);
+    returns the cache folder (local). Incremental: a cache shard is kept untouched when its file still has
+    the size and sha256 its index records and it would hold the same entries (key, record fingerprint,
+    window, prompt); otherwise it is rewritten atomically (`fwdata.shards.writer.write_tar`) from the
+    previous run's bytes of unchanged samples and new encodings of the others. Entries of samples not
+    selected this run are kept while their data sample is unchanged (as the folder cache keeps them). The
+    index is rewritten after each shard, listing only shards as they are on disk, so a killed run loses at
+    most the shard in progress. The same shards and options give the same bytes."""
+    from fwdata.dataset.store import DatasetBusy, atomic_write_text, check_writable_folder, clean_stale_temp_files, \
+        file_sha256, write_lock
+    from fwdata.shards.format import is_shard_name
+    from fwdata.shards.writer import write_tar
+    from fwmodel.data import MemorySource
+    from fwmodel.shard_data import ShardSet, _is_url, iter_shard, location
+
+    data, spec = _cache_spec(opts)
+    shards = ShardSet(data.root)
+    selection = shards.select(data)
+    captions = _read_captions(opts.captions)
+    directory = cache_path(data.root, spec, data.cache_dir)
+    if _is_url(location(directory)):
+        raise CacheError(f"a sharded cache is written to a local folder, not {location(directory)}: pass --cache-dir "
+                         "DIR (data.cache_dir), then copy DIR beside the shards")
+    if (directory / "cache.json").is_file():
+        raise CacheError(f"{directory} holds a folder latent cache (cache.json); pass another --cache-dir for the "
+                         "sharded one")
+    prev: Optional[ShardedLatentCache] = None
+    if (directory / SHARD_CACHE_INDEX).is_file():
+        try:
+            prev = ShardedLatentCache(directory)
+        except CacheError:
+            prev = None  # unreadable: every shard is written afresh
+    storage = _DTYPES[opts.storage_dtype]
+    vae, text_encoder = _encoders(opts)
+    _check_same_encoders(prev.info if prev else {}, directory, vae, text_encoder)
+
+    # the plan: per data shard, its cached samples in key order
+    selected = {r.id for r in selection.records}
+    plan: dict[str, list[_PlannedSample]] = {}
+    for g, record in enumerate(shards.records):
+        shard = shards.index.shards[shards.shard_of[g]].name
+        entry = {"key": f"{g:08d}", "shard": shard, "record": record_fingerprint(record)}
+        old = prev.samples.get(record.id) if prev is not None else None
+        if record.id in selected:
+            start = window_start(record.num_frames, spec)
+            prompt = captions.get(record.id, data.prompt)
+            entry.update(window_start=start, frames=list(range(start, start + spec.span, spec.frame_stride)),
+                         prompt=prompt_key(prompt))
+        elif old is not None and all(old[k] == entry[k] for k in entry):
+            prompt, entry = None, {k: old[k] for k in _PLAN_KEYS}  # cached by an earlier run, still valid
+        else:
+            continue
+        plan.setdefault(shard, []).append(_PlannedSample(record, g, entry, prompt))
+    valid_prev = set()  # previous shards whose files still match the index (their bytes can be reused)
+    if prev is not None:
+        for info in prev.index.shards:
+            path = directory / info.name
+            if path.is_file() and path.stat().st_size == info.bytes and file_sha256(path) == info.sha256:
+                valid_prev.add(info.name)
+        for items in plan.values():
+            for item in items:
+                old = prev.samples.get(item.record.id)
+                if old is not None and old["shard"] in valid_prev and all(old[k] == item.entry[k] for k in _PLAN_KEYS):
+                    item.reuse = old
+    plan = {name: kept for name, items in plan.items()
+            if (kept := [item for item in items if item.prompt is not None or item.reuse is not None])}
+    todo = sum(item.reuse is None for items in plan.values() for item in items)
+
+    try:
+        check_writable_folder(directory)
+    except OSError as err:
+        raise CacheError(f"cache folder: {err}") from None
+    done_shards: dict[str, ShardInfo] = {}
+    done_entries: dict[str, dict] = {}
+    text_memo: dict[str, bytes] = {}  # prompt key -> text member (the last few prompts)
+
+    def write_index(final: bool) -> None:
+        """The index of what is on disk: the shards finished this run, and (until the end) the previous
+        run's still-valid shards not yet reached whose samples no finished shard holds."""
+        listed = dict(done_shards)
+        entries = dict(done_entries)
+        if not final and prev is not None:
+            for info in prev.index.shards:
+                mine = prev.by_shard.get(info.name, {})
+                if info.name in listed or info.name not in valid_prev or any(i in entries for i in mine):
+                    continue
+                listed[info.name] = info
+                entries.update(mine)
+        names = sorted(listed)
+        by_shard: dict[str, list[tuple[str, dict]]] = {}
+        for sample_id, entry in entries.items():
+            by_shard.setdefault(entry["shard"], []).append((sample_id, entry))
+        index = ShardCacheIndex(
+            tool_version=__version__, dataset=str(opts.dataset), dataset_fingerprint=shards.index.dataset_fingerprint,
+            spec={"num_frames": spec.num_frames, "height": spec.height, "width": spec.width,
+                  "frame_stride": spec.frame_stride, "window": spec.window},
+            storage_dtype=opts.storage_dtype, encoder_dtype=opts.encoder_dtype, vae=vae.provenance(),
+            text_encoder=text_encoder.provenance(), shards=[listed[n] for n in names],
+            samples={i: e for n in names for i, e in sorted(by_shard.get(n, []), key=lambda ie: ie[1]["key"])})
+        atomic_write_text(directory / SHARD_CACHE_INDEX, json.dumps(index.model_dump(mode="json"), indent=1,
+                                                                    default=str) + "\n")
+
+    def text_member(prompt: str) -> bytes:
+        key = prompt_key(prompt)
+        if key not in text_memo:
+            if len(text_memo) >= 8:
+                text_memo.pop(next(iter(text_memo)))
+            text_memo[key] = save({"text": text_encoder([prompt])[0].to(storage).contiguous().cpu()},
+                                  metadata={"prompt": prompt[:2000]})
+        return text_memo[key]
+
+    encoded = 0
+    try:
+        with write_lock(directory):
+            clean_stale_temp_files(directory)
+            if progress:
+                progress("", 0, todo)
+            data_shards = {s.name: s for s in shards.index.shards}
+            for name, items in sorted(plan.items()):
+                info = prev.shard_info.get(name) if prev is not None else None
+                old_entries = list(prev.by_shard.get(name, {}).values()) if prev is not None else []
+                if (info is not None and name in valid_prev and all(item.reuse is not None for item in items)
+                        and [item.reuse for item in items] == old_entries):
+                    done_shards[name] = info  # unchanged: kept as it is
+                    done_entries.update({item.record.id: item.reuse for item in items})
+                    write_index(final=False)
+                    continue
+                reuse = {item.index for item in items if item.reuse is not None}
+                encode = {item.index for item in items if item.reuse is None}
+                old_reader = prev.reader(data_shards[name], lambda i, m: i in reuse) if reuse else (x for x in ())
+                data_reader = iter_shard(shards.location, data_shards[name], lambda i, m: m == "mp4" and i in encode)
+                entries: dict[str, dict] = {}
+
+                def samples():
+                    nonlocal encoded
+                    for item in items:
+                        rid = item.record.id
+                        if item.reuse is not None:
+                            members = advance_to(old_reader, item.index, f"{directory / name}")
+                            if any(hashlib.sha256(members.get(m, b"")).hexdigest() != item.reuse["sha256"].get(m)
+                                   for m in CACHE_MEMBERS):
+                                raise CacheError(f"{directory / name}: sample {item.entry['key']} changed while it "
+                                                 "was read; run `fwmodel cache` again")
+                            entries[rid] = item.reuse
+                        else:
+                            raw = advance_to(data_reader, item.index, f"{shards.location}/{name}")
+                            source = MemorySource(raw, f"{shards.location}/{name}/{item.entry['key']}")
+                            _, _, latents = _encode_sample(item.record, source, spec, vae)
+                            members = {LATENTS_MEMBER: save({"latents": latents.to(storage).contiguous().cpu()}),
+                                       TEXT_MEMBER: text_member(item.prompt)}
+                            entries[rid] = {**item.entry, "latent_shape": list(latents.shape),
+                                            "sha256": {m: hashlib.sha256(b).hexdigest() for m, b in members.items()}}
+                        yield {"__key__": item.entry["key"], **members}
+                        if item.reuse is None:
+                            encoded += 1
+                            if progress:
+                                progress(rid, encoded, todo)
+
+                try:
+                    size, sha256 = write_tar(directory / name, samples())
+                finally:
+                    old_reader.close()
+                    data_reader.close()
+                done_shards[name] = ShardInfo(name=name, num_samples=len(items), bytes=size, sha256=sha256,
+                                              first_index=items[0].index)
+                done_entries.update(entries)
+                write_index(final=False)
+            write_index(final=True)
+            for p in sorted(directory.iterdir()):
+                if is_shard_name(p.name) and p.name not in done_shards and p.is_file() and not p.is_symlink():
+                    p.unlink()
+    except DatasetBusy as err:
+        raise CacheError(str(err)) from None
+    return directory
+
+
+def advance_to(reader, index: int, where: str) -> dict[str, bytes]:
+    """The members of sample `index` from a forward-only (global index, members) shard reader (key order;
+    the samples before it are passed over); CacheError naming `where` when the shard does not hold it."""
+    for got, members in reader:
+        if got == index:
+            return members
+        if got > index:
+            break
+    raise CacheError(f"{where}: sample {index:08d} is not in the shard; run `fwmodel cache` again")

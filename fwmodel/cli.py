@@ -95,7 +95,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fwmodel.inference import InferenceError
     from fwmodel.trajectories import TrajectoryError
     from fwmodel.memory import MemoryPreflightError
-    from fwmodel.train import ConfigError, ResumeError
+    from fwmodel.train_config import ConfigError
+    from fwmodel.train_state import ResumeError
 
     return (BackboneWeightsError, CheckpointError, DataError, MemoryPreflightError, ConfigError, ResumeError,
             EvalError, InferenceError, GenerateError, TrajectoryError)
@@ -105,7 +106,7 @@ def _stage_config(config: Optional[Path], stage: int):
     """Check --stage against the config file's train.stage (a Stage-1 recipe run as Stage 2 is a mistake)."""
     import tomllib
 
-    from fwmodel.train import ConfigError, resolve_recipe
+    from fwmodel.train_config import ConfigError, resolve_recipe
 
     if config is None:
         return
@@ -210,7 +211,8 @@ def train(
     command are printed and written to train.log). See docs/TRAINING.md.
     """
     from fwdata.runtime import Terminated, sigterm_as_interrupt
-    from fwmodel.train import TrainingAborted, load_config
+    from fwmodel.train import TrainingAborted
+    from fwmodel.train_config import load_config
     from fwmodel.progress import choose_mode
     from fwmodel.train import train as run_train
 
@@ -241,7 +243,9 @@ def train(
 
 @app.command()
 def cache(
-    dataset: Path = typer.Argument(..., help="Dataset folder (metadata.json)."),
+    dataset: Path = typer.Argument(..., help="Dataset folder (metadata.json), or WebDataset shards (a folder or URL "
+                                   "holding shards.json, `fwdata shard`): the cache is then written as tar shards "
+                                   "matching them."),
     vae: Path = typer.Option(
         ..., "--vae", help="Wan VAE: the Wan2.1 diffusers repository or its vae/ folder; `random-tiny`: a tiny "
         "randomly initialised VAE built in memory (seeded, no download; tests and demos, marked random_init)."
@@ -262,6 +266,10 @@ def cache(
     include_gated_out: bool = typer.Option(False, "--include-gated-out", help="Also cache gated-out samples."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text for every sample without a caption."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="JSON {sample id: caption}."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Cache root (the trainer's data.cache_dir; default DATASET/.fwmodel_cache, or "
+        "SHARDS/.fwmodel_cache on shards); the cache goes in <root>/<frames>x<height>x<width>-s<stride>-<window>/."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="Encoder dtype: auto (bf16 on GPU), float32 or bfloat16."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: one summary line at the end (and warnings, "
@@ -273,18 +281,23 @@ def cache(
     provenance; training uses them automatically and then loads neither encoder. Re-running adds
     missing or changed samples only. `--vae random-tiny --text-encoder random-tiny` caches with tiny
     random encoders (no download) for the tiny recipes; the cache is marked random_init.
+    On shards (SHARDS/shards.json) the cache is WebDataset tar shards named and keyed like the data
+    shards, with cache-shards.json (sha256 per shard and per entry), in SHARDS/.fwmodel_cache/<spec>/;
+    `fwmodel train --data SHARDS` streams them beside the data shards.
     """
     import torch
 
     from fwmodel.cache import CacheOptions, build_cache, is_random_encoder
     from fwmodel.config import get_preset
     from fwmodel.progress import StepProgress, cache_summary, choose_mode
-    from fwmodel.train import load_config
+    from fwmodel.train_config import load_config
 
     sets = {"data.num_frames": frames, "data.height": height, "data.width": width, "data.frame_stride": stride,
             "data.split": split, "data.prompt": prompt}
     if include_gated_out:
         sets["data.include_gated_out"] = True
+    if cache_dir is not None:
+        sets["data.cache_dir"] = str(cache_dir)
     user_errors = _user_errors()
     try:
         cfg = load_config(config, sets)

@@ -75,7 +75,19 @@ Window = Literal["start", "center", "random"]
 
 
 class DataError(ValueError):
-    """The dataset cannot feed this training run; the message says why and what to do."""
+    """The dataset cannot feed this training run; the message says why and what to do (one line).
+
+    One raised in a DataLoader worker (a damaged shard or cache entry, read by the worker) is raised
+    again in the trainer by torch as ``DataError("Caught DataError in DataLoader worker process N.\\n
+    Original Traceback ...\\nfwmodel.data.DataError: MESSAGE")`` (the same class); that keeps MESSAGE."""
+
+    def __init__(self, message: str = ""):
+        if isinstance(message, str) and message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            name = f"{type(self).__module__}.{type(self).__qualname__}: "
+            if last.startswith(name):
+                message = last[len(name):]
+        super().__init__(message)
 
 
 class DataConfig(BaseModel):

@@ -2,7 +2,7 @@
 
 Every after-training command (`fwmodel generate`, `reconstruct`, `eval`) loads its model here, so a
 damaged, mismatched or wrong-stage file is refused with exactly the messages training gives
-(`fwmodel.checkpoint`), and the model is built the way training built it (`fwmodel.train.build_model`):
+(`fwmodel.checkpoint`), and the model is built the way training built it (`fwmodel.train_model.build_model`):
 
 - the run's own config comes from the checkpoint's sidecar (`extra.train`, written by `save_state`);
   options given here (`wan_weights`, `device`) override only where a path or the device differs;
@@ -38,7 +38,7 @@ class LoadedModel:
     """A checkpoint's model ready for inference (eval mode, no gradients)."""
 
     model: torch.nn.Module  # FantasyWorldModel
-    config: object  # fwmodel.train.TrainConfig of the run that wrote the checkpoint
+    config: object  # fwmodel.train_config.TrainConfig of the run that wrote the checkpoint
     header: dict  # the checkpoint's header: format, preset, fingerprint, stage, step
     path: Path
     device: torch.device
@@ -88,7 +88,7 @@ def run_config(path: Path, header: dict):
     """
     from pydantic import ValidationError
 
-    from fwmodel.train import TrainConfig
+    from fwmodel.train_config import TrainConfig
 
     sidecar = read_sidecar(path) or {}
     train = (sidecar.get("extra") or {}).get("train")
@@ -113,7 +113,7 @@ def load_model(checkpoint: str | Path, wan_weights: Optional[str] = None, device
     ConfigError/BackboneWeightsError (the backbone cannot be found) with one-line messages,
     before any large weights are read when the checkpoint itself is bad.
     """
-    from fwmodel.train import build_model
+    from fwmodel.train_model import build_model
 
     path = Path(checkpoint)
     header = verify_checkpoint_file(path, verify_hash=True, allow_missing_sidecar=allow_missing_sidecar)

@@ -33,6 +33,15 @@ exactly what the stopped run used, without reading it. Window seeds are `StepSam
 r * B + b). With data.shuffle = false on one process the order is the manifest order padded like
 `StepSampler`'s: the same samples, order and seeds as a run on the dataset folder.
 
+Latent cache: a folder cache (fwmodel.cache.LatentCache, keyed by sample id) is read per sample as on the
+dataset folder. A sharded cache (`fwmodel cache SHARDS`, fwmodel.cache.ShardedLatentCache: one cache tar
+per data shard, same name and keys) is read beside the data: while a worker reads data shard N it reads
+cache shard N forward, taking the latents/text members of the same samples (one open tar each, seeking
+over the others), so the order, ranks, workers and resume position above are unchanged. At start the
+cache must cover the selection with each sample under its data shard and key, and every cache shard
+needed must be present with its size and the keys its index lists; each entry's sha256 is checked when
+it is read.
+
 Why plain `tarfile` and not webdataset's pipeline (split_by_node / split_by_worker / shuffle): those
 hand whole shards to DataLoader workers, so the order depends on the number of workers, and the
 shuffle buffer's rng position cannot be restored mid-epoch without replaying (reading) the stream.
@@ -297,10 +306,15 @@ class ShardDataset(IterableDataset):
         self.random_init = selection.random_init
         self.fingerprint = data_fingerprint(self.records)
         self.cache = cache
-        if cache is not None:
-            cache.check_covers(self.records, text_dim)
         position = {r.id: i for i, r in enumerate(shards.records)}
         self.global_index = [position[r.id] for r in self.records]  # selection position -> global index
+        from fwmodel.cache import ShardedLatentCache
+
+        self.sharded_cache = isinstance(cache, ShardedLatentCache)  # streamed beside the data shards
+        if self.sharded_cache:
+            cache.check_covers(self.records, text_dim, shards=shards, global_index=self.global_index)
+        elif cache is not None:
+            cache.check_covers(self.records, text_dim)
         self.selected = {g: i for i, g in enumerate(self.global_index)}  # global index -> selection position
         by_shard: dict[int, list[int]] = {}
         for i, g in enumerate(self.global_index):
@@ -398,9 +412,12 @@ class ShardDataset(IterableDataset):
     def _read(self, plan: EpochPlan, items: list[tuple[int, int]]) -> Iterator[dict]:
         """Decode `items` (selection position, seed) in order, reading the rank's shards of the epoch once
         in order (again from the start only for padded repeats); bytes are held only from when their
-        sample is read until it is used."""
+        sample is read until it is used. With a sharded latent cache, cache shard N is read beside data
+        shard N, forward, taking the entries of the samples read from the data shard."""
+        from fwmodel.cache import advance_to
+
         remaining = Counter(pos for pos, _ in items)
-        held: dict[int, tuple[str, dict[str, bytes]]] = {}
+        held: dict[int, tuple[str, dict[str, bytes], object]] = {}
         reader = None
         loc = self.shards.location
 
@@ -411,9 +428,23 @@ class ShardDataset(IterableDataset):
         def stream():
             for number in plan.shards:
                 shard = self.shards.index.shards[number]
-                for index, members in iter_shard(loc, shard, wanted):
-                    if members:
-                        yield self.selected[index], f"{shard.name}/{index:08d}", members
+                target = [-1]  # the data sample whose cache entry the cache reader reads next
+                cached = self.cache.reader(shard, lambda i, m: i == target[0]) if self.sharded_cache else None
+                try:
+                    for index, members in iter_shard(loc, shard, wanted):
+                        if not members:
+                            continue
+                        where = f"{shard.name}/{index:08d}"
+                        cache = self.cache
+                        if cached is not None:
+                            target[0] = index
+                            entry = advance_to(cached, index, _join(self.cache.location, shard.name))
+                            cache = self.cache.sample(self.records[self.selected[index]].id, entry,
+                                                      _join(self.cache.location, where))
+                        yield self.selected[index], where, members, cache
+                finally:
+                    if cached is not None:
+                        cached.close()
 
         for pos, seed in items:
             restarted = False
@@ -421,16 +452,16 @@ class ShardDataset(IterableDataset):
                 if reader is None:
                     reader = stream()
                 try:
-                    got, where, members = next(reader)
-                    held[got] = (where, members)
+                    got, where, members, cache = next(reader)
+                    held[got] = (where, members, cache)
                 except StopIteration:
                     if restarted:
                         raise DataError(f"sample {self.records[pos].id} was not found in its shard") from None
                     reader, restarted = None, True
-            where, members = held.pop(pos)
+            where, members, cache = held.pop(pos)
             remaining[pos] -= 1
             record = self.records[pos]
-            yield make_sample(self.cfg, record, MemorySource(members, _join(loc, where)), pos, seed, self.cache)
+            yield make_sample(self.cfg, record, MemorySource(members, _join(loc, where)), pos, seed, cache)
 
 
 def shuffle_buffer(items: list[int], size: int, rng: np.random.Generator) -> list[int]:

@@ -5,19 +5,22 @@
         --init-from outputs/fantasy_world_stage1/step-20000.safetensors
     torchrun --nproc_per_node 8 -m fwmodel.cli train ...          (data parallel, see pipelines/train/)
 
-What one run does, in order:
+What one run does, in order (the module of each part in brackets; this one is the loop):
 
-    1. config       TrainConfig from TOML + CLI overrides (pydantic: every mistake named)
+    1. config       TrainConfig from TOML + CLI overrides (pydantic: every mistake named) [train_config]
     2. distributed  torchrun / accelerate environment -> process group (NCCL on GPUs, gloo on CPU)
+                    [distributed]
     3. data         dataset selection, latent cache lookup, resumable sampler (fails before any weight)
-    4. preflight    estimated memory per GPU; refuses a configuration that cannot fit
+    4. preflight    estimated memory per GPU; refuses a configuration that cannot fit [memory]
     5. model        frozen Wan backbone (weights, bf16) + geometry/interaction (fp32 master weights);
-                    Stage 2 loads the Stage-1 file and says what it loaded
+                    Stage 2 loads the Stage-1 file and says what it loaded [train_model]
     6. optimizer    AdamW over the stage's trainable parameters only; warmup + constant/cosine LR
-    7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N
-    8. loop         grad accumulation, bf16 autocast, DDP over the trainable part only (the frozen
-                    backbone is outside DDP: no gradient sync, no broadcast, no optimizer state),
-                    non-finite steps skipped and counted, logs, checkpoints
+                    [train_step.build_optimizer]
+    7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N [train_state]
+    8. loop         one `train_step` per step (grad accumulation, bf16 autocast, grad clipping, grad
+                    norms per module; DDP over the trainable part only: the frozen backbone is outside
+                    DDP, no gradient sync, no broadcast, no optimizer state), non-finite steps skipped
+                    and counted, logs [train_log], checkpoints [train_state]
 
 Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
 
@@ -33,751 +36,34 @@ Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import resource
 import shlex
-import shutil
-import sys
 import time
-import tomllib
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fwdata import __version__
-from fwdata.runtime import ConfigFileError, load_config_file
-from fwmodel.checkpoint import CheckpointError, file_sha256, load_trainable, save_trainable, verify_checkpoint_file
-from fwmodel.config import PRESET_NAMES, ModelConfig, get_preset
-from fwmodel.data import DataConfig, DataError, StepSampler, TrainingDataset, mix_seed, move_batch, plucker_for_batch
-from fwmodel.losses import DiffusionConfig, LossConfig, add_noise, compute_losses
 from fwdata.textout import plural
+from fwmodel.config import ModelConfig, get_preset
+from fwmodel.data import DataError, StepSampler, TrainingDataset, move_batch
+from fwmodel.distributed import Dist, init_distributed
 from fwmodel.memory import GIB, check_fits, device_capacity, estimate_memory
 from fwmodel.progress import Mode, StepProgress
-from fwmodel.stages import TRAINED_PARTS, set_trainable, trainable_module_names
-
-STATE_FORMAT = "fwmodel-train-state"
-MANIFEST = "manifest.json"  # written last into each state/step-N/: size and sha256 of every other file
-MANIFEST_FORMAT = "fwmodel-train-state-manifest"
-
-
-class ConfigError(ConfigFileError):
-    """A training config that cannot be used; the message names the field."""
+from fwmodel.train_config import ConfigError, TrainConfig, config_toml
+from fwmodel.train_log import RunLogger, peak_memory_gib
+from fwmodel.train_model import build_model, check_init_from, load_stage1
+from fwmodel.train_state import (ResumeError, SavedState, TrainState, list_states, load_state, open_state,
+                                 save_state, state_root)
+from fwmodel.train_step import build_optimizer, module_groups, train_step
 
 
 class TrainingAborted(RuntimeError):
     """The run stopped on purpose (too many non-finite steps); the message says what to check."""
-
-
-class ResumeError(ValueError):
-    """`--resume` cannot continue this run; the message says why."""
-
-
-# =========================================================================== configuration
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class TrainSection(_Section):
-    stage: Literal[1, 2] = 1
-    num_steps: int = Field(20000, ge=1)
-    batch_size: int = Field(1, ge=1, description="samples per GPU per micro-step")
-    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    seed: int = 0
-    checkpoint_every: int = Field(1000, ge=1)
-    log_every: int = Field(10, ge=1)
-    output: Optional[Path] = Field(None, description="default outputs/fantasy_world_stage<N>")
-    keep_states: int = Field(2, ge=1, description="resumable states kept (weights files are all kept)")
-    max_nonfinite_steps: int = Field(20, ge=0, description="abort after more skipped non-finite steps than this")
-    dry_run_steps: int = Field(3, ge=1)
-    deterministic: bool = Field(
-        False, description="deterministic GPU kernels where torch has them (slower); CPU runs are always exact"
-    )
-    threads: Optional[int] = Field(
-        None, ge=0, description="torch intra-op threads (--threads); unset: 1 for the tiny preset on a CPU (several "
-        "times faster than the default for tiny models), torch's default otherwise; 0: torch's default"
-    )
-
-
-class ModelSection(_Section):
-    preset: str = "wan2.1-t2v-1.3b"
-    wan_weights: Optional[str] = Field(
-        None, description='diffusers Wan2.1 directory or .safetensors file; "random" only for tests/demos'
-    )
-    vae: Optional[Path] = Field(None, description="Wan VAE (repository root or vae/) for online encoding (no cache)")
-    text_encoder: Optional[Path] = Field(None, description="UMT5 (repository root or text_encoder/) for online encoding")
-    init_from: Optional[Path] = Field(None, description="Stage-1 checkpoint that Stage 2 starts from")
-    gradient_checkpointing: bool = True
-    backbone_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    mixed_precision: Literal["bf16", "no"] = "bf16"
-    device: str = Field("auto", description="auto (cuda:LOCAL_RANK when available), cpu or cuda")
-
-    @model_validator(mode="after")
-    def _check(self) -> "ModelSection":
-        if self.preset not in PRESET_NAMES:
-            raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of: {', '.join(PRESET_NAMES)}")
-        return self
-
-
-class OptimSection(_Section):
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 = off")
-
-
-class MemorySection(_Section):
-    check: bool = Field(True, description="refuse configurations estimated not to fit")
-    limit_gb: Optional[float] = Field(None, gt=0, description="memory per device to plan for (default: the GPU's)")
-
-
-class TrainConfig(_Section):
-    train: TrainSection = TrainSection()
-    model: ModelSection = ModelSection()
-    data: DataConfig = DataConfig()
-    optim: OptimSection = OptimSection()
-    loss: LossConfig = LossConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    memory: MemorySection = MemorySection()
-
-    def output_dir(self) -> Path:
-        return Path(self.train.output or Path("outputs") / f"fantasy_world_stage{self.train.stage}")
-
-
-# Fields that may change between a run and its resumption (paths, cadence, length, workers).
-_RESUMABLE_CHANGES = {
-    # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
-    "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
-              "dry_run_steps", "batch_size", "deterministic", "threads"},
-    "model": {"wan_weights", "vae", "text_encoder", "init_from", "device", "gradient_checkpointing"},
-    "data": {"root", "num_workers", "cache_dir", "cache", "allow_random_init_labels"},
-    "memory": None,  # the whole section
-}
-
-
-# Fields added after runs were saved: hashed only when set to something other than their default, so
-# that a run saved before the field existed (the same trajectory) still resumes.
-_HASHED_WHEN_CHANGED = {"data": {"shuffle_buffer"}}
-
-
-def hashed_config(cfg: TrainConfig) -> dict:
-    """The part of the config that defines the training trajectory (what resuming must not change)."""
-    out = {}
-    defaults = TrainConfig().model_dump(mode="json")
-    for section, values in cfg.model_dump(mode="json").items():
-        skip = _RESUMABLE_CHANGES.get(section, set())
-        if skip is None:
-            continue
-        late = _HASHED_WHEN_CHANGED.get(section, set())
-        out[section] = {k: v for k, v in values.items()
-                        if k not in skip and not (k in late and v == defaults[section][k])}
-    return out
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def load_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
-                sets: Optional[list[str]] = None) -> TrainConfig:
-    """TOML file or packaged recipe name (optional; `tiny-stage1`, see fwmodel.recipes) + `--set section.key=value`
-    strings + explicit overrides {"section.key": value}."""
-    items: list[tuple[str, Any]] = []
-    for s in sets or []:
-        if "=" not in s:
-            raise ConfigError(f"--set {s!r}: expected section.key=value, e.g. --set optim.lr=2e-5")
-        key, value = s.split("=", 1)
-        items.append((key.strip(), _parse_value(value.strip())))
-    items += [(k, v) for k, v in (overrides or {}).items() if v is not None]
-    nested: dict = {}
-    for key, value in items:
-        parts = key.split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"override {key!r}: expected section.key, e.g. optim.lr")
-        nested.setdefault(parts[0], {})[parts[1]] = value
-    if path is not None:
-        path = resolve_recipe(path)
-    return load_config_file(TrainConfig, path, nested, error=ConfigError,
-                            missing_hint="`fwmodel recipes` lists the packaged recipes")
-
-
-def resolve_recipe(recipe) -> Path:
-    """A recipe file, or a packaged recipe by name (`tiny-stage1`); ConfigError listing the names otherwise."""
-    from fwdata.presets import find_preset
-    from fwmodel.recipes import RECIPES
-
-    return find_preset(recipe, RECIPES, error=ConfigError)
-
-
-def config_toml(cfg: TrainConfig) -> str:
-    import tomli_w
-
-    def clean(d):
-        if isinstance(d, dict):
-            return {k: clean(v) for k, v in d.items() if v is not None}
-        if isinstance(d, (list, tuple)):
-            return [clean(v) for v in d]
-        return d
-
-    return tomli_w.dumps(clean(cfg.model_dump(mode="json")))
-
-
-# =========================================================================== distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= self.world_size
-        return values
-
-    def any(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
-def init_distributed(device_pref: str = "auto", deterministic: bool = False) -> Dist:
-    """Read the torchrun / accelerate environment (RANK, WORLD_SIZE, LOCAL_RANK) and set up the group."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if device_pref not in ("auto", "cpu", "cuda") and not device_pref.startswith("cuda:"):
-        raise ConfigError(f"model.device {device_pref!r}: use auto, cpu, cuda or cuda:N")
-    if device_pref.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("model.device asks for CUDA but no GPU is visible (check CUDA_VISIBLE_DEVICES, `fwmodel doctor`)")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank, device)
-
-
-# =========================================================================== logging
-
-
-class RunLogger:
-    """train.log + console on rank 0; metrics.jsonl and TensorBoard for the scalars.
-
-    Messages before `open(output)` (config, data, preflight: before anything is written) are kept
-    and written to train.log when the output folder is opened.
-    """
-
-    def __init__(self, dist_: Dist, quiet: bool, echo: Callable[[str], None],
-                 echo_err: Optional[Callable[[str], None]] = None):
-        self.dist, self.quiet, self.echo = dist_, quiet, echo
-        self.echo_err = echo_err or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.file = None
-        self.tb = None
-        self.metrics = None
-        self.pending: list[str] = []
-
-    def open(self, output: Path, resume_step: Optional[int] = None) -> None:
-        if not self.dist.is_main:
-            return
-        output.mkdir(parents=True, exist_ok=True)
-        self.file = open(output / "train.log", "a", buffering=1)
-        for line in self.pending:
-            self.file.write(line + "\n")
-        self.pending = []
-        metrics_path = output / "metrics.jsonl"
-        if resume_step is not None and metrics_path.is_file():  # drop what a killed run logged after its state
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
-        self.metrics = open(metrics_path, "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(output / "tb"), purge_step=None if resume_step is None else resume_step + 1)
-        except Exception as err:  # tensorboard missing or broken: keep training, say so
-            self.info(f"TensorBoard disabled ({err})")
-
-    def info(self, message: str, console: bool = True) -> None:
-        if not self.dist.is_main:
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        lines = [f"{stamp} {line}" for line in (message.splitlines() or [""])]
-        if self.file:
-            for line in lines:
-                self.file.write(line + "\n")
-        else:
-            self.pending += lines
-        if console and not self.quiet:
-            self.echo(message)
-
-    def summary(self, message: str) -> None:
-        """Into train.log and onto the console, also with --quiet: the run's last line."""
-        if not self.dist.is_main:
-            return
-        self.info(message, console=False)
-        self.echo(message)
-
-    def warn(self, message: str) -> None:
-        """Into train.log and onto stderr, also with --quiet: what the user must not miss."""
-        if not self.dist.is_main:
-            return
-        self.info(message, console=False)
-        self.echo_err(message)
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.dist.is_main:
-            return
-        if self.metrics:
-            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        for handle in (self.file, self.metrics):
-            if handle:
-                handle.close()
-        if self.tb:
-            self.tb.close()
-
-
-# =========================================================================== model and optimizer
-
-
-def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger):
-    """The model for `cfg.train.stage` on `device`: frozen backbone, trainable parts in fp32."""
-    from fwmodel.backbone import load_wan_transformer
-    from fwmodel.model import FantasyWorldModel
-
-    config = get_preset(cfg.model.preset)
-    backbone_dtype = torch.bfloat16 if cfg.model.backbone_dtype == "bfloat16" else torch.float32
-    torch.manual_seed(cfg.train.seed)  # same random init on every rank
-    weights = cfg.model.wan_weights
-    if weights is None or weights == "random":
-        if weights is None and config.name != "tiny":
-            raise ConfigError(
-                f"model.wan_weights is not set: point it at the Wan2.1 weights for preset {config.name} "
-                f"(e.g. `hf download {config.hub_id} --local-dir weights/wan` then "
-                "--set model.wan_weights=weights/wan)"
-            )
-        with torch.device(device):
-            model = FantasyWorldModel(config)
-        log.info(f"Wan backbone: RANDOM weights (preset {config.name}; for tests and demos only)")
-    else:
-        wan = load_wan_transformer(weights, config.wan, config.hub_id, backbone_dtype)
-        with torch.device(device):
-            model = FantasyWorldModel(config, wan)
-        log.info(f"Wan backbone: {weights} (preset {config.name})")
-    model.backbone.to(device=device, dtype=backbone_dtype)
-    model.geometry.to(device=device, dtype=torch.float32)
-    model.interaction.to(device=device, dtype=torch.float32)
-    set_trainable(model, cfg.train.stage)
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    model.train()
-    return model
-
-
-def check_init_from(path: Path, allow_missing_sidecar: bool = False) -> dict:
-    """`--init-from` takes a Stage-1 checkpoint (docs/TRAINING.md): a readable file with its sidecar, of stage 1.
-
-    Returns the header; raises CheckpointError (one line: the stage found and what is expected) before
-    anything is written or loaded.
-    """
-    header = verify_checkpoint_file(path, verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
-    found = header.get("stage")
-    if found != 1:
-        what = f"a Stage-{found} checkpoint" if found in (1, 2) else f"a checkpoint of stage {found!r}"
-        raise CheckpointError(
-            f"--init-from takes a Stage-1 checkpoint, but {path} is {what} (step {header.get('step')}): "
-            "start from the Stage-1 file (e.g. outputs/fantasy_world_stage1/step-20000.safetensors); to continue "
-            "a Stage-2 run, pass --resume with its --output instead"
-        )
-    return header
-
-
-def load_stage1(model, path: Path, stage: int, log: RunLogger, allow_missing_sidecar: bool = False) -> None:
-    """Initialise from a Stage-1 file (nothing else: `check_init_from`) and print exactly what was loaded."""
-    check_init_from(path, allow_missing_sidecar)
-    _warn_missing_sidecar(path, log)
-    info = load_trainable(model, path, 1, allow_missing_sidecar=allow_missing_sidecar)
-    loaded = [n for n, _ in model.named_parameters() if n.split(".")[0] in TRAINED_PARTS[1]]
-    n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(loaded))
-    modules = sorted({".".join(n.split(".")[:2]) for n in loaded})
-    fresh = sorted({".".join(n.split(".")[:2]) for n in info.missing})
-    log.info(
-        f"Stage 1 checkpoint loaded successfully: {path} (preset {info.preset}, stage 1, step {info.step}); "
-        f"{len(loaded)} tensors, {n_params:,} parameters: {', '.join(modules)}"
-    )
-    if fresh:
-        log.info(f"Stage-2 modules starting from their zero-gated initialisation: {', '.join(fresh)} "
-                 f"({len(info.missing)} tensors, exactly the expected missing set)")
-
-
-def _warn_missing_sidecar(path: Path, log: RunLogger) -> None:
-    """Put the missing-sidecar warning in train.log too (checks already allowed it)."""
-    if not path.with_suffix(".json").is_file():
-        log.info(f"warning: {path} has no sidecar: loaded without the size and sha256 checks "
-                 "(--allow-missing-sidecar)")
-
-
-def lr_factor(step: int, cfg: OptimSection, num_steps: int) -> float:
-    """LR multiplier after `step` optimizer steps: linear warmup, then constant / cosine / linear decay."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
-
-
-def build_optimizer(model, cfg: TrainConfig, device: torch.device):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.num_steps))
-    return names, optimizer, scheduler
-
-
-def module_groups(model, stage: int) -> dict[str, list[torch.nn.Parameter]]:
-    """Trainable parameters per report module (geometry.aggregator, interaction.bicross, ...)."""
-    groups: dict[str, list] = {m: [] for m in trainable_module_names(model, stage)}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = ".".join(name.split(".")[:2])
-            groups.setdefault(key, []).append(p)
-    return {k: v for k, v in groups.items() if v}
-
-
-def grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    per_module = {}
-    for name, params in groups.items():
-        grads = [p.grad for p in params if p.grad is not None]
-        per_module[name] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros((), device=params[0].device)
-    total = torch.linalg.vector_norm(torch.stack(list(per_module.values())))
-    return total, per_module
-
-
-# =========================================================================== state (resume)
-
-
-def _state_root(output: Path) -> Path:
-    return output / "state"
-
-
-def list_states(output: Path) -> list[int]:
-    """Steps of the state/step-N folders, damaged ones included (resume verifies the one it uses)."""
-    root = _state_root(output)
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.iterdir():
-        if d.is_dir() and d.name.startswith("step-"):
-            try:
-                steps.append(int(d.name[5:]))
-            except ValueError:
-                pass
-    return sorted(steps)
-
-
-def _optimizer_tensors(optimizer, names: list[str]) -> tuple[dict, list]:
-    sd = optimizer.state_dict()
-    tensors = {}
-    for index, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"{names[index]}::{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def _load_optimizer(optimizer, names: list[str], tensors: dict, groups: list) -> None:
-    index = {n: i for i, n in enumerate(names)}
-    saved_names = {g for group in groups for g in group["params"]}
-    if saved_names != set(names):
-        raise ResumeError("the saved optimizer state is for a different set of trainable parameters")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        name, field_ = key.split("::")
-        state.setdefault(index[name], {})[field_] = value
-    param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-                    for g in groups]
-    for g in param_groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _rng_state(device: torch.device) -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-    np_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": json.loads(json.dumps(random.getstate()))}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if device.type == "cuda" and "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def write_manifest(directory: Path, step: int) -> Path:
-    """Write manifest.json (size and sha256 of every file in `directory`) atomically; call it last."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    tmp = directory / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-    return directory / MANIFEST
-
-
-def _refuse_state(directory: Path, problem: str, output: Path) -> ResumeError:
-    """The one-line error for a damaged state: what is wrong, and the states to resume from instead."""
-    others = [s for s in list_states(output) if _state_root(output) / f"step-{s}" != directory]
-    fix = (f"resume from an earlier state with --resume-step N (available: {', '.join(map(str, others))}) "
-           "or start a new run in another --output" if others else "start a new run in another --output")
-    return ResumeError(f"cannot resume from {directory}: {problem}; {fix}")
-
-
-def _read_manifest(directory: Path, output: Path) -> dict:
-    """manifest.json of a state folder as {file name: {bytes, sha256}}; ResumeError when absent or unreadable."""
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise _refuse_state(directory, f"it has no {MANIFEST} (written by an older fwmodel, or removed), so its "
-                            "files cannot be verified", output)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise _refuse_state(directory, f"{path} is unreadable ({err})", output) from err
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT
-            or not all(isinstance(v, dict) for v in files.values())):
-        raise _refuse_state(directory, f"{path} is not a state manifest", output)
-    return files
-
-
-def _verify_state_files(directory: Path, output: Path) -> dict:
-    """Every file of the manifest is there with its size and sha256; returns the manifest's files."""
-    files = _read_manifest(directory, output)
-    for name in ("trainer.json", "optimizer.safetensors"):
-        if name not in files:
-            raise _refuse_state(directory, f"its {MANIFEST} does not list {name}", output)
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise _refuse_state(directory, f"{path} is missing", output)
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise _refuse_state(directory, f"{path} is damaged: {size} bytes, the manifest says "
-                                f"{entry.get('bytes')} (truncated?)", output)
-        if file_sha256(path) != entry.get("sha256"):
-            raise _refuse_state(directory, f"{path} is damaged: its sha256 does not match the manifest", output)
-    return files
-
-
-@dataclass
-class SavedState:
-    """A verified state/step-N folder: every file matches its manifest; trainer.json parsed."""
-    directory: Path
-    step: int
-    trainer: dict
-
-
-def open_state(output: Path, step: Optional[int], allow_missing_sidecar: bool = False) -> SavedState:
-    """Find and verify the state to resume (latest or `step`) before anything is loaded or written.
-
-    Raises ResumeError naming the missing or damaged file (manifest, trainer.json, optimizer, RNG,
-    or the step-N.safetensors weights) and the states that could be used instead.
-    """
-    steps = list_states(output)
-    if not steps:
-        raise ResumeError(f"nothing to resume in {output}: no state/step-N folder (a run writes one every "
-                          f"train.checkpoint_every steps); start without --resume")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ResumeError(f"no resumable state for step {step} in {output}; available: {', '.join(map(str, steps))}")
-    directory = _state_root(output) / f"step-{step}"
-    files = _verify_state_files(directory, output)
-    try:
-        trainer = json.loads((directory / "trainer.json").read_text())
-    except ValueError as err:
-        raise _refuse_state(directory, f"{directory / 'trainer.json'} is not valid JSON ({err})", output) from err
-    if not isinstance(trainer, dict) or trainer.get("format") != STATE_FORMAT or trainer.get("step") != step:
-        raise _refuse_state(directory, f"{directory / 'trainer.json'} is not the trainer state of step {step}", output)
-    for rank in range(int(trainer.get("world_size", 1))):
-        for name in (f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"):
-            if name not in files:
-                raise _refuse_state(directory, f"{directory / name} is missing (not in the manifest)", output)
-    # the weights live beside state/ (step-N.safetensors): their sidecar is their manifest
-    verify_checkpoint_file(output / str(trainer.get("weights")), verify_hash=False,
-                           allow_missing_sidecar=allow_missing_sidecar)
-    return SavedState(directory, step, trainer)
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done (skipped ones included)
-    skipped: int = 0  # non-finite steps skipped
-    consecutive_skipped: int = 0
-
-
-def save_state(output: Path, model, optimizer, scheduler, names, state: TrainState, cfg: TrainConfig,
-               data_fp: str, d: Dist, log: RunLogger) -> Path:
-    """step-N.safetensors (+ sidecar) and state/step-N/; written under temporary names, then renamed."""
-    step = state.step
-    weights = output / f"step-{step}.safetensors"
-    final = _state_root(output) / f"step-{step}"
-    tmp = _state_root(output) / f".step-{step}.tmp"
-    if d.is_main:
-        extra = {"config_hash": config_hash(cfg), "data_fingerprint": data_fp, "tool_version": __version__,
-                 "train": cfg.model_dump(mode="json")}
-        save_trainable(model, weights, cfg.train.stage, step, extra=extra)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors, groups = _optimizer_tensors(optimizer, names)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        trainer = {
-            "format": STATE_FORMAT,
-            "step": step,
-            "stage": cfg.train.stage,
-            "preset": cfg.model.preset,
-            "weights": weights.name,
-            "config_hash": config_hash(cfg),
-            "config": hashed_config(cfg),
-            "data_fingerprint": data_fp,
-            "data_source": _data_source(cfg),
-            "micro_batches": step * cfg.train.grad_accum,
-            "global_micro_batch": cfg.train.batch_size * d.world_size,
-            "world_size": d.world_size,
-            "skipped": state.skipped,
-            "consecutive_skipped": state.consecutive_skipped,
-            "scheduler": scheduler.state_dict(),
-            "param_groups": groups,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2, default=float))
-    d.barrier()
-    rng_tensors, rng_meta = _rng_state(d.device)
-    save_file(rng_tensors, str(tmp / f"rng-rank{d.rank}.safetensors"))
-    (tmp / f"rng-rank{d.rank}.json").write_text(json.dumps(rng_meta))
-    d.barrier()
-    if d.is_main:
-        write_manifest(tmp, step)  # last: a folder with a manifest holds every file complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_states(output)[: -cfg.train.keep_states]:
-            shutil.rmtree(_state_root(output) / f"step-{old}", ignore_errors=True)
-        log.info(f"checkpoint: {weights} and {final}")
-    d.barrier()
-    return weights
-
-
-def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, names, cfg: TrainConfig,
-               data_fp: str, d: Dist, log: RunLogger, allow_missing_sidecar: bool = False) -> TrainState:
-    """Load a state verified by `open_state`: weights, optimizer, scheduler, RNG, counters."""
-    directory, step, trainer = saved.directory, saved.step, saved.trainer
-    if trainer.get("stage") != cfg.train.stage:
-        raise ResumeError(f"{directory} is a Stage-{trainer.get('stage')} run; resume it with --stage {trainer.get('stage')}")
-    if trainer["config_hash"] != config_hash(cfg):
-        now, then = hashed_config(cfg), trainer["config"]
-        diffs = [f"{s}.{k}: {then.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
-                 if then.get(s, {}).get(k) != v]
-        raise ResumeError(f"the config differs from the run being resumed ({'; '.join(diffs[:5])}); "
-                          "resume with the same settings, or start a new run in another --output")
-    if trainer["data_fingerprint"] != data_fp:
-        raise ResumeError(f"the training samples differ from the run being resumed (data fingerprint "
-                          f"{trainer['data_fingerprint']} -> {data_fp}): the dataset, split or selection changed")
-    if trainer["global_micro_batch"] != cfg.train.batch_size * d.world_size:
-        raise ResumeError(f"the run used {trainer['global_micro_batch']} samples per micro-step "
-                          f"(batch_size x GPUs); now {cfg.train.batch_size} x {d.world_size}: keep it equal to resume")
-    _warn_missing_sidecar(output / trainer["weights"], log)
-    info = load_trainable(model, output / trainer["weights"], cfg.train.stage,
-                          allow_missing_sidecar=allow_missing_sidecar)
-    with safe_open(str(directory / "optimizer.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    _load_optimizer(optimizer, names, {k: v.to(d.device) for k, v in tensors.items()}, trainer["param_groups"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng_file = directory / f"rng-rank{d.rank}.safetensors"
-    if trainer["world_size"] == d.world_size and rng_file.is_file():
-        with safe_open(str(rng_file), framework="pt") as f:
-            rng = {k: f.get_tensor(k) for k in f.keys()}
-        _set_rng_state(rng, json.loads((directory / f"rng-rank{d.rank}.json").read_text()), d.device)
-    else:
-        log.info("note: different number of processes than the saved run; RNG states re-seeded")
-    log.info(f"resumed from {directory} (step {step}, weights {info.path.name}, "
-             f"{trainer['skipped']} skipped steps so far)")
-    return TrainState(step=step, skipped=trainer["skipped"], consecutive_skipped=trainer["consecutive_skipped"])
 
 
 # =========================================================================== the run
@@ -791,12 +77,6 @@ class TrainResult:
     last_metrics: dict = field(default_factory=dict)
     skipped: int = 0
     history: list[dict] = field(default_factory=list)  # every logged metrics row
-
-
-def _peak_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
 
 
 def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset:
@@ -820,9 +100,9 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
         cache = LatentCache.find(cfg.data)
         if cache is None and cfg.data.cache == "require" and shards is not None:
             raise CacheError(
-                f"no latent cache for {cfg.data.clip_spec().key} for the shards {cfg.data.root}: build it on the "
-                "dataset folder (`fwmodel cache DATASET --config CONFIG --vae PATH --text-encoder PATH`) and point "
-                "data.cache_dir at DATASET/.fwmodel_cache (the cache is keyed by sample id)"
+                f"no latent cache for {cfg.data.clip_spec().key} for the shards {cfg.data.root}: run `fwmodel cache "
+                f"{cfg.data.root} --config CONFIG --vae PATH --text-encoder PATH` (a sharded cache beside the shards), "
+                "or point data.cache_dir at a cache root (a folder cache made on the dataset folder serves its shards too)"
             )
         if cache is None and cfg.data.cache == "require":
             raise CacheError(
@@ -914,7 +194,7 @@ def _interrupt_message(err: KeyboardInterrupt, output: Optional[Path], cfg: Trai
         last = states[-1]
         lost = f"; steps {last + 1}-{step} will be redone" if step and step > last + 1 else (
             f"; step {step} will be redone" if step == last + 1 else "")
-        return (f"{what} {when}: the last saved state is {_state_root(output) / f'step-{last}'} (step {last}, weights "
+        return (f"{what} {when}: the last saved state is {state_root(output) / f'step-{last}'} (step {last}, weights "
                 f"{output / f'step-{last}.safetensors'}){lost}. Continue the run with:\n  {command} --resume")
     first = cfg.train.checkpoint_every
     return (f"{what} {when}: no state was saved yet (the first is written at step {min(first, cfg.train.num_steps)}), "
@@ -1033,6 +313,10 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     meter = meter or StepProgress(f"stage {cfg.train.stage}", cfg.train.num_steps, mode="off")
     stage = cfg.train.stage
     tcfg = cfg.train
+    # Python's and numpy's global generators are saved with every state (rng-rank*): seeded per rank so
+    # that the same run writes the same bytes (a resume then restores them from the state)
+    random.seed(tcfg.seed + d.rank)
+    np.random.seed(tcfg.seed + d.rank)
     model_config = get_preset(cfg.model.preset)
     if model_config.wan.in_channels != 16 or model_config.wan.image_dim is not None:
         raise ConfigError(
@@ -1138,10 +422,24 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
 
     sampler, loader = make_loader(dataset, cfg, d, start_micro=state.step * tcfg.grad_accum)
     data_iter = iter(loader)
-    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.model.mixed_precision == "bf16"
-                else nullcontext())
-    backbone_dtype = next(model.backbone.parameters()).dtype
-    H, W = cfg.data.height, cfg.data.width
+    data_source = _data_source(cfg)
+
+    def micro_batches(timing: dict) -> Iterator[dict]:
+        """The loader's next micro-batches on the device (latents and text encoded when there is no cache);
+        the time spent waiting for the loader is added to timing["wait"]."""
+        while True:
+            tw = time.perf_counter()
+            batch = next(data_iter)
+            timing["wait"] += time.perf_counter() - tw
+            batch = move_batch(batch, d.device)
+            if encoders is not None:
+                with torch.no_grad():
+                    batch["latents"] = encoders[0](batch.pop("video"))
+                    batch["text"] = encoders[1](batch["text"])
+            yield batch
+
+    def describe(inputs: dict, outputs: dict) -> None:
+        log.info("shapes (first micro-batch):\n" + "\n".join(_describe_shapes(inputs, outputs)), console=dry_run)
 
     result = TrainResult(output=output, step=state.step, skipped=state.skipped)
     window = {"time": 0.0, "wait": 0.0, "steps": 0}
@@ -1158,43 +456,10 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
 
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
-        wait = 0.0
-        terms_sum: dict[str, torch.Tensor] = {}
-        local_bad = False
-        for micro in range(tcfg.grad_accum):
-            tw = time.perf_counter()
-            batch = next(data_iter)
-            wait += time.perf_counter() - tw
-            batch = move_batch(batch, d.device)
-            k = (step - 1) * tcfg.grad_accum + micro  # global micro-batch index
-            if encoders is not None:
-                with torch.no_grad():
-                    batch["latents"] = encoders[0](batch.pop("video"))
-                    batch["text"] = encoders[1](batch["text"])
-            B = batch["latents"].shape[0]
-            seeds = [mix_seed(tcfg.seed, k, d.rank * tcfg.batch_size + b, 7) for b in range(B)]
-            noised = add_noise(batch["latents"], cfg.diffusion, seeds)
-            plucker = plucker_for_batch(batch["w2c"], batch["K"], H, W) if stage == 2 else None
-            sync = d.enabled and micro < tcfg.grad_accum - 1
-            with (ddp_model.no_sync() if sync else nullcontext()), autocast:
-                outputs = ddp_model(noised.noisy.to(backbone_dtype), noised.timestep,
-                                    batch["text"].to(backbone_dtype), plucker=plucker, video=stage == 2)
-                losses = compute_losses(outputs, batch, stage, cfg.loss, noised)
-            (losses.total / tcfg.grad_accum).backward()
-            local_bad |= not bool(torch.isfinite(losses.total.detach()))
-            for key, value in losses.terms.items():
-                terms_sum[key] = terms_sum.get(key, 0) + value.float() / tcfg.grad_accum
-            if step == 1 and micro == 0:
-                log.info("shapes (first micro-batch):\n" + "\n".join(_describe_shapes(
-                    {"latents": noised.noisy, "timestep": noised.timestep, "text": batch["text"],
-                     "plucker": plucker, "depth": batch["depth"], "points": batch["points"],
-                     "pose_enc": batch["pose_enc"]}, outputs)), console=dry_run)
-            del outputs, losses
-
-        total_norm, module_norms = grad_norms(groups)
-        bad = d.any(local_bad or not bool(torch.isfinite(total_norm)))
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
+        timing = {"wait": 0.0}
+        out = train_step(ddp_model, micro_batches(timing), optimizer, scheduler, groups, cfg, d, step=step,
+                         describe=describe if step == 1 else None)
+        if out.skipped:
             state.skipped += 1
             state.consecutive_skipped += 1
             log.info(f"step {step}: non-finite loss or gradient, step skipped ({state.skipped} so far, "
@@ -1207,38 +472,26 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
                 )
         else:
             state.consecutive_skipped = 0
-            if cfg.optim.grad_clip > 0:
-                coef = (cfg.optim.grad_clip / (total_norm + 1e-6)).clamp(max=1.0)
-                for ps in groups.values():
-                    for p in ps:
-                        if p.grad is not None:
-                            p.grad.mul_(coef.to(p.grad.device))
-            optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about the order)
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step = step
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         dt = time.perf_counter() - t0
         window["time"] += dt
-        window["wait"] += wait
+        window["wait"] += timing["wait"]
         window["steps"] += 1
 
         if step % tcfg.log_every == 0 or step == tcfg.num_steps or step == 1:
-            keys = sorted(terms_sum)
-            values = d.all_reduce_mean(torch.stack([terms_sum[k] for k in keys]))
+            keys = sorted(out.losses)  # the host copies of the step's values: at log steps only
+            values = d.all_reduce_mean(torch.stack([out.losses[k] for k in keys]))
             metrics = {k: float(v) for k, v in zip(keys, values.tolist())}
-            metrics["lr"] = lr
-            metrics["grad_norm/total"] = float(total_norm)
-            metrics.update({f"grad_norm/{k}": float(v) for k, v in module_norms.items()})
+            metrics["lr"] = out.lr
+            metrics["grad_norm/total"] = float(out.grad_norm)
+            metrics.update({f"grad_norm/{k}": float(v) for k, v in out.module_grad_norms.items()})
             step_time = window["time"] / window["steps"]
             metrics["perf/step_time_s"] = step_time
             metrics["perf/samples_per_s"] = global_batch / step_time
             metrics["perf/data_wait_frac"] = window["wait"] / max(window["time"], 1e-9)
-            metrics["mem/peak_gib"] = _peak_memory(d.device)
+            metrics["mem/peak_gib"] = peak_memory_gib(d.device)
             metrics["train/skipped_steps"] = state.skipped
             metrics["train/epoch"] = sampler.epoch_of(step * tcfg.grad_accum)
             log.scalars(step, metrics)
@@ -1247,13 +500,13 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
             diff = f" diff {metrics['loss/diffusion']:.4f}" if "loss/diffusion" in metrics else ""
             log.info(f"step {step}/{tcfg.num_steps} | total {metrics['loss/total']:.4f}{diff} | depth reg "
                      f"{metrics['loss/depth/reg']:.4f} | point reg {metrics['loss/point/reg']:.4f} | camera "
-                     f"{metrics['loss/camera_loss']:.4f} | lr {lr:.2e} | {step_time:.2f} s/step | data "
+                     f"{metrics['loss/camera_loss']:.4f} | lr {out.lr:.2e} | {step_time:.2f} s/step | data "
                      f"{100 * metrics['perf/data_wait_frac']:.0f}% | mem {metrics['mem/peak_gib']:.2f} GiB")
             window = {"time": 0.0, "wait": 0.0, "steps": 0}
 
         if output is not None and (step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps):
             result.checkpoints.append(save_state(output, model, optimizer, scheduler, names, state, cfg,
-                                                 dataset.fingerprint, d, log))
+                                                 dataset.fingerprint, data_source, d, log))
         meter.update(step)
 
     result.step, result.skipped = state.step, state.skipped

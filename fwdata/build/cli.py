@@ -1,9 +1,9 @@
 """What `fwdata build` shows a person: a progress bar while clips run, then a summary.
 
 The command in `fwdata.cli` only parses options; this module turns them into a `BuildConfig`,
-runs `fwdata.build.pipeline.build_dataset` with a rich progress bar (clips done / failed, ETA) and prints
-the result. Exit codes: 0 every input succeeded, 1 some failed (the rest is written and listed),
-2 usage errors (bad options or preset, missing inputs, depth model not available).
+runs `fwdata.build.pipeline.build_dataset` with a rich progress bar (clips done / failed / in flight,
+throughput, ETA) and prints the result. Exit codes: 0 every input succeeded, 1 some failed (the rest
+is written and listed), 2 usage errors (bad options or preset, missing inputs, depth model not available).
 """
 
 from __future__ import annotations
@@ -27,8 +27,24 @@ from fwdata.textout import plural
 from fwdata.build.depth import DepthModelError
 
 
+def progress_status(ok: int, failed: int, in_flight: Optional[int], seconds: Optional[float]) -> str:
+    """The status part of the build's progress line (rich markup), e.g. ``3 ok 1 failed 2 in flight
+    1.50 clips/min``: failures only when there are any, in flight once the executor reported it (None:
+    not yet), the throughput of this run (clips done per minute of `seconds` elapsed) once one is done."""
+    s = f"[green]{ok} ok[/]"
+    if failed:
+        s += f" [red]{failed} failed[/]"
+    if in_flight is not None:
+        s += f" [cyan]{in_flight} in flight[/]"
+    done = ok + failed
+    if done and seconds is not None:
+        s += f" {60 * done / max(seconds, 1e-9):.2f} clips/min"
+    return s
+
+
 class RichBuildProgress:
-    """Progress bar: clips done (ok + failed) of all, failures so far, elapsed and remaining time."""
+    """Progress bar: clips done (ok + failed) of all, failures so far, clips in flight, throughput,
+    elapsed and remaining time."""
 
     def __init__(self, console: Console, quiet: bool = False):
         self.console = console
@@ -36,6 +52,7 @@ class RichBuildProgress:
         self.progress: Optional[Progress] = None
         self.task = None
         self.ok = self.failed = 0
+        self.flight: Optional[int] = None  # clips in flight, as the executor last reported (None: not yet)
         self.t_start: Optional[float] = None
 
     def start(self, total: int, skipped: int) -> None:
@@ -51,13 +68,14 @@ class RichBuildProgress:
         self.task = self.progress.add_task("build", total=total, completed=skipped, status=self._status())
 
     def _status(self) -> str:
-        s = f"[green]{self.ok} ok[/]"
-        if self.failed:
-            s += f" [red]{self.failed} failed[/]"
-        done = self.ok + self.failed
-        if done and self.t_start is not None:  # throughput of this run (skipped clips do not count)
-            s += f" {60 * done / max(time.monotonic() - self.t_start, 1e-9):.2f} clips/min"
-        return s
+        seconds = time.monotonic() - self.t_start if self.t_start is not None else None
+        return progress_status(self.ok, self.failed, self.flight, seconds)  # skipped clips do not count
+
+    def in_flight(self, n: int) -> None:
+        """The executor's count of clips in flight changed (`fwdata.build.executors.OnFlight`)."""
+        self.flight = n
+        if self.progress is not None:
+            self.progress.update(self.task, status=self._status())
 
     def clip_done(self, outcome: ClipOutcome) -> None:
         if outcome.ok:
@@ -82,20 +100,21 @@ def _shown(text: str) -> str:
     return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text)))
 
 
-def parse_intrinsics(text: str) -> tuple[tuple[float, float, float, float], Optional[tuple[float, float, float, float]]]:
-    """'fx,fy,cx,cy[,k1[,k2[,p1,p2]]]' (source-video pixels; OpenCV distortion) -> ((fx, fy, cx, cy),
-    (k1, k2, p1, p2) or None); ValueError with the expected form otherwise."""
+def parse_intrinsics(text: str) -> tuple[tuple[float, float, float, float], Optional[tuple[float, ...]]]:
+    """'fx,fy,cx,cy[,k1[,k2[,p1,p2[,k3]]]]' (source-video pixels; OpenCV distortion in cv2's distCoeffs
+    order) -> ((fx, fy, cx, cy), (k1, k2, p1, p2), (k1, k2, p1, p2, k3) when k3 is given and not 0, or
+    None); ValueError with the expected form otherwise."""
     try:
         vals = tuple(float(x) for x in text.replace(" ", "").split(","))
     except ValueError:
         vals = ()
-    if len(vals) not in (4, 5, 6, 8) or vals[0] <= 0 or vals[1] <= 0 or not all(math.isfinite(v) for v in vals):
+    if len(vals) not in (4, 5, 6, 8, 9) or vals[0] <= 0 or vals[1] <= 0 or not all(math.isfinite(v) for v in vals):
         raise ValueError(f"--intrinsics {text!r}: expected 'fx,fy,cx,cy' in source-video pixels (fx and fy > 0), "
-                         f"optionally followed by OpenCV distortion 'k1', 'k1,k2' or 'k1,k2,p1,p2'")
+                         f"optionally followed by OpenCV distortion 'k1', 'k1,k2', 'k1,k2,p1,p2' or 'k1,k2,p1,p2,k3'")
     dist = None
     if len(vals) > 4:
-        d = list(vals[4:]) + [0.0] * (8 - len(vals))
-        dist = (d[0], d[1], d[2], d[3])
+        d = list(vals[4:]) + [0.0] * (9 - len(vals))
+        dist = (d[0], d[1], d[2], d[3]) if d[4] == 0.0 else (d[0], d[1], d[2], d[3], d[4])
     return (vals[0], vals[1], vals[2], vals[3]), dist
 
 

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 #: called in the driver with each clip's outcome, as soon as it is known
 OnOutcome = Callable[["ClipOutcome"], None]
+#: called in the driver with the number of clips in flight (handed to a worker or a Ray task, not yet
+#: finished) whenever it changes; before the outcome of a clip that finished, and 0 at the end
+OnFlight = Callable[[int], None]
 
 #: test hook: ``<sample id>@<marker file>``: the worker about to run that clip kills itself (os._exit)
 #: if it can create the marker file, i.e. once, on the first attempt (tests/build/test_build_ray.py)
@@ -57,9 +60,11 @@ RAY_INSTALL_HINT = "the ray executor needs Ray: pip install -e .[ray]"
 class Executor(Protocol):
     """Runs clips somewhere and reports each outcome to the driver."""
 
-    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome) -> None:
+    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome,
+            on_flight: Optional[OnFlight] = None) -> None:
         """Run `process_clip(plan, config, out)` for every plan; `on_outcome(outcome)` for each, in the
-        driver, in the order they finish. Never raises for one clip's failure."""
+        driver, in the order they finish; `on_flight(n)` (optional) as the clips in flight change.
+        Never raises for one clip's failure."""
         ...
 
 
@@ -88,16 +93,22 @@ class LocalExecutor:
     def __init__(self, workers: int = 1):
         self.workers = workers
 
-    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome) -> None:
+    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome,
+            on_flight: Optional[OnFlight] = None) -> None:
         from fwdata.build.pipeline import process_clip, resolve_workers
 
         workers = resolve_workers(self.workers, len(todo))
         if workers == 1 and "ray" not in sys.modules:  # see the module's docstring
             for plan in todo:
-                on_outcome(process_clip(plan, config, out))
+                if on_flight is not None:
+                    on_flight(1)
+                o = process_clip(plan, config, out)
+                if on_flight is not None:
+                    on_flight(0)
+                on_outcome(o)
             return
         for plan, o, err in run_in_processes(partial(process_clip, config=config, out=out), todo, workers,
-                                             threads=config.threads):
+                                             threads=config.threads, on_flight=on_flight):
             if err is not None:  # the worker died (killed, out of memory), also when the clip ran alone
                 o = worker_died(plan, f"worker process died ({type(err).__name__}); try fewer --workers")
             on_outcome(o)
@@ -210,7 +221,8 @@ class RayExecutor:
     - worker processes run on ``threads`` BLAS/OpenMP threads (``OMP_NUM_THREADS`` ... in the task's
       runtime env), as local workers do, so the results are the same bytes.
     - at most 2 tasks per CPU slot of the cluster are in flight, so neither tasks nor outcomes pile
-      up in the driver (the count follows the cluster as nodes join or leave).
+      up in the driver (the count follows the cluster as nodes join or leave); `on_flight` gets the
+      number of tasks submitted and not yet finished (running, or queued by Ray for a free slot).
     - Ctrl-C / SIGTERM of the driver cancels the tasks in flight (their unfinished clips leave nothing
       that counts as built).
     """
@@ -249,17 +261,26 @@ class RayExecutor:
             return 1.0
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0  # auto: cuda where there is one
 
-    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome) -> None:
+    def run(self, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome,
+            on_flight: Optional[OnFlight] = None) -> None:
         if not todo:
             return
         ray, started = self.connect()
+        shown = [0]
+
+        def flight(n: int) -> None:  # forwards changes only
+            if on_flight is not None and n != shown[0]:
+                shown[0] = n
+                on_flight(n)
+
         try:
-            self._run(ray, todo, config, out, on_outcome)
+            self._run(ray, todo, config, out, on_outcome, flight)
         finally:
             if started:
                 ray.shutdown()
 
-    def _run(self, ray, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome) -> None:
+    def _run(self, ray, todo: Sequence["ClipPlan"], config: "BuildConfig", out: Path, on_outcome: OnOutcome,
+             on_flight: OnFlight) -> None:
         env = {v: str(config.threads) for v in THREAD_ENV_VARS}
         if os.environ.get(FAULT_KILL_CLIP):
             env[FAULT_KILL_CLIP] = os.environ[FAULT_KILL_CLIP]
@@ -283,10 +304,13 @@ class RayExecutor:
                 while queue and len(pending) < limit:
                     plan = queue.pop()
                     pending[task.remote(plan, config_ref, out_s, cwd)] = plan
+                on_flight(len(pending))
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     plan = pending.pop(ref)
-                    on_outcome(self._outcome(ray, ref, plan))
+                    outcome = self._outcome(ray, ref, plan)
+                    on_flight(len(pending))
+                    on_outcome(outcome)
         except BaseException:
             for ref in pending:  # interrupted: nothing goes on writing into the dataset
                 try:

@@ -58,7 +58,7 @@ from fwdata.dataset.lens import Undistortion
 from fwdata.runtime import ConfigFileError, clip_threads, load_config_file
 from fwdata.build.depth import DepthError, DepthModelError, DepthOptions, DepthResult, check_model_available, estimate_depth
 from fwdata.build.depth import model_info as depth_model_info
-from fwdata.build.sfm import SfmError, SfmOptions, SfmResult, run_sfm
+from fwdata.build.sfm import Distortion, SfmError, SfmOptions, SfmResult, given_lens, run_sfm
 from fwdata.dataset.store import (
     DatasetBusy,
     SampleData,
@@ -127,9 +127,9 @@ class BuildConfig(BaseModel):
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
         None, description="known camera intrinsics fx, fy, cx, cy in *source video* pixels (all inputs)"
     )
-    distortion: Optional[tuple[float, float, float, float]] = Field(
-        None, description="known OpenCV lens distortion k1, k2, p1, p2 of the source (with `intrinsics`); clips "
-                          "are undistorted to pinhole"
+    distortion: Optional[Distortion] = Field(
+        None, description="known OpenCV lens distortion k1, k2, p1, p2 (or k1, k2, p1, p2, k3) of the source (with "
+                          "`intrinsics`); clips are undistorted to pinhole"
     )
     clips: ClipOptions = Field(default_factory=ClipOptions)
     depth: DepthOptions = Field(default_factory=DepthOptions)
@@ -140,7 +140,7 @@ class BuildConfig(BaseModel):
     @model_validator(mode="after")
     def _distortion_needs_intrinsics(self) -> "BuildConfig":
         if self.distortion is not None and self.intrinsics is None:
-            raise ValueError("distortion is given without intrinsics: give both (--intrinsics fx,fy,cx,cy,k1,k2,p1,p2)")
+            raise ValueError("distortion is given without intrinsics: give both (--intrinsics fx,fy,cx,cy,k1,k2,p1,p2[,k3])")
         return self
 
 
@@ -376,13 +376,13 @@ def source_camera(job: ClipJob) -> SourceCamera:
     K = clip_intrinsics_to_source(K_frames, job.plan)
     lens = sfm.lens
     if job.config.intrinsics is not None:
-        model = "OPENCV" if job.config.distortion is not None else "PINHOLE"
+        model = given_lens(job.config.distortion).model if job.config.distortion is not None else "PINHOLE"
     elif lens.is_identity:
         model = "PINHOLE"
     else:
         model = job.config.sfm.camera_model
     return SourceCamera(model=model, estimated=job.config.intrinsics is None, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2],
-                        cy=K[1, 2], k1=lens.k1, k2=lens.k2, p1=lens.p1, p2=lens.p2,
+                        cy=K[1, 2], k1=lens.k1, k2=lens.k2, p1=lens.p1, p2=lens.p2, k3=lens.k3,
                         pinhole_focal_scale=float(u.K[0, 0] / u.K_lens[0, 0]) if u is not None else 1.0)
 
 
@@ -490,7 +490,11 @@ def _one_line(s: str) -> str:
 
 
 class BuildProgress(Protocol):
-    """What the build reports while it runs (the CLI draws a progress bar from it)."""
+    """What the build reports while it runs (the CLI draws a progress bar from it).
+
+    A progress object may also have ``in_flight(n)``: it then gets the number of clips in flight (handed
+    to the executor's workers, not yet finished) whenever it changes (`fwdata.build.executors.OnFlight`).
+    """
 
     def start(self, total: int, skipped: int) -> None: ...
 
@@ -620,7 +624,7 @@ def _build_locked(out: Path, plans: list[VideoPlan], config: BuildConfig, force:
         if progress:
             progress.clip_done(o)
 
-    make_executor(config).run(todo, config, out, on_outcome)
+    make_executor(config).run(todo, config, out, on_outcome, on_flight=getattr(progress, "in_flight", None))
 
     by_id = {o.sample_id: o for o in outcomes}
     for plan in clips:  # failures in input order, whatever order the workers finished in

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -54,6 +54,9 @@ BA_ITERATIONS = (30, 10)
 FINAL_BA_ITERATIONS = (10, 5)
 #: an estimated |k1| at or below this is no distortion (the clip is not resampled)
 LENS_MIN_K1 = 0.005
+
+#: a given OpenCV lens: (k1, k2, p1, p2) or (k1, k2, p1, p2, k3), cv2's distCoeffs order
+Distortion = Union[tuple[float, float, float, float], tuple[float, float, float, float, float]]
 
 
 class SfmOptions(BaseModel):
@@ -83,8 +86,9 @@ class SfmOptions(BaseModel):
     intrinsics: Optional[tuple[float, float, float, float]] = Field(
         None, description="known fx, fy, cx, cy in clip pixels (the build converts --intrinsics from source pixels)"
     )
-    distortion: Optional[tuple[float, float, float, float]] = Field(
-        None, description="known OpenCV lens distortion k1, k2, p1, p2 (with `intrinsics`); the clip is undistorted"
+    distortion: Optional[Distortion] = Field(
+        None, description="known OpenCV lens distortion k1, k2, p1, p2 or k1, k2, p1, p2, k3 (with `intrinsics`); "
+                          "the clip is undistorted"
     )
     focal_hypotheses: int = Field(3, ge=1, description="independent focal-length starts whose keyframe maps must agree "
                                                        "(the wrong-basin check; 1 = no check)")
@@ -129,7 +133,7 @@ class SfmOptions(BaseModel):
     @model_validator(mode="after")
     def _distortion_needs_intrinsics(self) -> "SfmOptions":
         if self.distortion is not None and self.intrinsics is None:
-            raise ValueError("distortion is given without intrinsics: give both (fx, fy, cx, cy, k1, k2, p1, p2)")
+            raise ValueError("distortion is given without intrinsics: give both (fx, fy, cx, cy, k1, k2, p1, p2[, k3])")
         return self
 
     @property
@@ -213,13 +217,22 @@ def initial_focal(width: int, height: int, opts: SfmOptions) -> float:
     return 1.2 * max(width, height)  # COLMAP's default prior
 
 
+def given_lens(distortion: Optional[Distortion]) -> Optional[Lens]:
+    """The lens of a given distortion (k1, k2, p1, p2[, k3]); None when none is given."""
+    return None if distortion is None else Lens(*(float(v) for v in distortion))
+
+
 def initial_camera(height: int, width: int, opts: SfmOptions) -> tuple[str, list[float]]:
     """(COLMAP camera model, its parameters) of the clip's shared camera before mapping: the known
-    intrinsics (OPENCV with a known lens, else PINHOLE), or the estimated model at the initial focal
-    with the principal point at the centre and no distortion."""
+    intrinsics (OPENCV with a known lens, FULL_OPENCV (k1, k2, p1, p2, k3, k4 = k5 = k6 = 0) when its
+    k3 is not 0, else PINHOLE), or the estimated model at the initial focal with the principal point at
+    the centre and no distortion."""
     if opts.intrinsics is not None:
-        if opts.distortion is not None:
-            return "OPENCV", list(opts.intrinsics) + list(opts.distortion)
+        lens = given_lens(opts.distortion)
+        if lens is not None and lens.k3 != 0.0:
+            return "FULL_OPENCV", list(opts.intrinsics) + [lens.k1, lens.k2, lens.p1, lens.p2, lens.k3, 0.0, 0.0, 0.0]
+        if lens is not None:
+            return "OPENCV", list(opts.intrinsics) + [lens.k1, lens.k2, lens.p1, lens.p2]
         return "PINHOLE", list(opts.intrinsics)
     f = initial_focal(width, height, opts)
     cx, cy = width / 2.0, height / 2.0
@@ -237,6 +250,11 @@ def camera_intrinsics(cam) -> tuple[np.ndarray, Lens]:
     elif model in ("PINHOLE", "OPENCV"):
         K = camera.intrinsics_matrix(p[0], p[1], p[2], p[3])
         lens = Lens(*p[4:8]) if model == "OPENCV" else Lens()
+    elif model == "FULL_OPENCV":  # k1, k2, p1, p2, k3, k4, k5, k6; the rational k4-k6 are held at 0
+        if any(p[9:12]):
+            raise SfmError(f"COLMAP camera FULL_OPENCV with k4-k6 = {p[9:12]}: only k4 = k5 = k6 = 0 is supported")
+        K = camera.intrinsics_matrix(p[0], p[1], p[2], p[3])
+        lens = Lens(*p[4:9])
     else:
         raise SfmError(f"unexpected COLMAP camera model {model}")
     return K, lens
@@ -476,7 +494,17 @@ def _mapper_options(opts: SfmOptions, refine_focal: bool):
     mo.abs_pose_refine_focal_length = refine_focal
     mo.abs_pose_refine_extra_params = False
     mo.init_min_tri_angle = 4.0  # video: keyframes are close; COLMAP's 16 degrees wastes the init search
+    mo.max_extra_param = max_extra_param(opts)
     return mo
+
+
+def max_extra_param(opts: SfmOptions) -> float:
+    """COLMAP's bound on |distortion coefficient| above which it calls a camera bogus and registers no
+    image with it: its default 1, or twice the largest given coefficient (a calibrated lens such as
+    TUM fr1's, k3 = 1.16, is not bogus)."""
+    if opts.distortion is None:
+        return 1.0
+    return max(1.0, 2.0 * max(abs(float(v)) for v in opts.distortion))
 
 
 def _map_keyframes(clip: _Clip, keyframes: list[int], refine_focal: bool):
@@ -504,6 +532,7 @@ def _map_keyframes(clip: _Clip, keyframes: list[int], refine_focal: bool):
         io.min_model_size = 3
         io.ba_refine_focal_length = refine_focal
         io.ba_refine_extra_params = False
+        io.max_extra_param = max_extra_param(clip.opts)
         io.mapper = _mapper_options(clip.opts, refine_focal)
         recs = pc.incremental_mapping(str(clip.db_path), str(clip.dir), str(out), io)
     return sorted(recs.values(), key=lambda r: -r.num_reg_images())
@@ -706,8 +735,12 @@ def _attempt(clip: _Clip, keyframes: list[int], f_fixed: float, extra: Optional[
                     registered=rec.num_reg_images())
 
 
-#: a focal within this fraction of one a map was already built with is that map (its result is reused)
-FOCAL_REVISIT = 0.01
+#: a focal within this fraction of one a map was already built with is that map (its result is reused;
+#: the nearest such map). The same resolution as FOCAL_SETTLED: a map whose adjusted focal ends this close
+#: to the one it was built with is a fixed point, so two focals this close are one point of the search
+#: (the 81-frame forward clip's 30-degree chain adjusts to 613.5 px, 1.4 % from the 604.8 px map of the
+#: first chain, and follows it into the same cycle instead of building 613.5 and 462.8 again: 8 maps -> 6)
+FOCAL_REVISIT = FOCAL_SETTLED
 
 
 @dataclass
@@ -743,7 +776,8 @@ def _settle(clip: _Clip, keyframes: list[int], f_start: float, visited: list[_At
     steps: list[_Attempt] = []
     f, extra, built = f_start, None, 0
     while True:  # ends: every step is either a new map (at most max_rounds) or one already in `visited`
-        a = next((v for v in visited if abs(f / v.f_fixed - 1.0) < FOCAL_REVISIT), None)
+        a = min((v for v in visited if abs(f / v.f_fixed - 1.0) < FOCAL_REVISIT),
+                key=lambda v: abs(f / v.f_fixed - 1.0), default=None)
         if a is None:
             if built == max_rounds:
                 break
@@ -813,8 +847,9 @@ def _solve(clip: _Clip, keyframes: list[int], refine: bool) -> _Solution:
             f = _view_graph_focal(clip)
             if f is None:
                 continue
-        near = [a for a in attempts if abs(f / a.f_final - 1.0) < 0.01 or abs(f / a.start - 1.0) < 0.01]
-        if any(abs(f / c.start - 1.0) < 0.01 for c in chains) or near:
+        # a start next to a map already built would only reuse it (`_settle`): it is no independent start
+        near = [a for a in attempts if min(abs(f / g - 1.0) for g in (a.f_fixed, a.f_final, a.start)) < FOCAL_REVISIT]
+        if any(abs(f / c.start - 1.0) < FOCAL_REVISIT for c in chains) or near:
             continue
         chains.append(_settle(clip, keyframes, f, attempts))
     if not attempts:

@@ -36,6 +36,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -634,11 +635,13 @@ class SourceCamera(BaseModel):
     distorted coordinates. A clip whose source lens distorts is resampled onto a pinhole camera: its
     own intrinsics (camera_params) are always pinhole; `pinhole_focal_scale` is the written clip's
     focal / this focal (above 1 when a pincushion lens needed a slight zoom to avoid blank borders).
+    `k3` (the r^6 radial term) is written only when it is not 0, with the model FULL_OPENCV (COLMAP's
+    k1, k2, p1, p2, k3, k4, k5, k6 with k4 = k5 = k6 = 0); records without it have k3 = 0.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Literal["PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = Field(
+    model: Literal["PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV"] = Field(
         description="COLMAP camera model the parameters come from")
     estimated: bool = Field(description="true: estimated from the video by SfM; false: given (--intrinsics)")
     fx: float = Field(gt=0)
@@ -649,8 +652,23 @@ class SourceCamera(BaseModel):
     k2: float = 0.0
     p1: float = 0.0
     p2: float = 0.0
+    k3: float = Field(0.0, description="radial r^6 coefficient (FULL_OPENCV only; omitted from the record when 0)")
     pinhole_focal_scale: float = Field(1.0, gt=0, description="written clip focal / source focal (both per pixel "
                                                               "of their own image, after the resize)")
+
+    @model_validator(mode="after")
+    def _k3_needs_full_opencv(self) -> "SourceCamera":
+        if self.k3 != 0.0 and self.model != "FULL_OPENCV":
+            raise ValueError(f"source camera k3 = {self.k3:g} needs the model FULL_OPENCV, not {self.model}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_zero_k3(self, handler):
+        """Records of lenses without k3 keep their bytes: no k3 key when it is 0."""
+        out = handler(self)
+        if self.k3 == 0.0:
+            out.pop("k3", None)
+        return out
 
 
 class SourceRef(BaseModel):

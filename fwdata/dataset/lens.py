@@ -1,15 +1,16 @@
-"""The OpenCV lens model: radial (k1, k2) and tangential (p1, p2) distortion, and undistortion to a pinhole.
+"""The OpenCV lens model: radial (k1, k2, k3) and tangential (p1, p2) distortion, and undistortion to a pinhole.
 
 A point with pinhole normalised coordinates ``(x, y) = (X/Z, Y/Z)`` is seen at
 
-    r2 = x^2 + y^2,  radial = 1 + k1 r2 + k2 r2^2
+    r2 = x^2 + y^2,  radial = 1 + k1 r2 + k2 r2^2 + k3 r2^3
     xd = x radial + 2 p1 x y + p2 (r2 + 2 x^2)
     yd = y radial + p1 (r2 + 2 y^2) + 2 p2 x y
 
 and at pixel ``K @ (xd, yd, 1)`` (the same K as the pinhole camera; pixel centres at +0.5), exactly
-as ``cv2.projectPoints`` with ``distCoeffs = (k1, k2, p1, p2)``. COLMAP's SIMPLE_RADIAL and RADIAL
-cameras are this model with (k1) and (k1, k2). `distort_pixels` / `undistort_pixels` map between the
-distorted grid and the pinhole grid.
+as ``cv2.projectPoints`` with ``distCoeffs = (k1, k2, p1, p2, k3)``. COLMAP's SIMPLE_RADIAL and RADIAL
+cameras are this model with (k1) and (k1, k2), its OPENCV camera (k1, k2, p1, p2), and its FULL_OPENCV
+camera (k1, k2, p1, p2, k3, k4, k5, k6; a rational radial term) with k4 = k5 = k6 = 0 (k4-k6 are not
+supported). `distort_pixels` / `undistort_pixels` map between the distorted grid and the pinhole grid.
 
 Users: the synthetic renderer casts, for every colour sample, the ray through `undistort_normalized`
 of its distorted position (frames show what such a lens records; depth, point maps and cameras stay
@@ -39,20 +40,44 @@ class LensError(ValueError):
 
 @dataclass(frozen=True)
 class Lens:
-    """OpenCV radial-tangential coefficients (k3 and higher are 0)."""
+    """OpenCV radial-tangential coefficients in cv2's distCoeffs order (k1, k2, p1, p2, k3); k4 and
+    higher are 0."""
 
     k1: float = 0.0
     k2: float = 0.0
     p1: float = 0.0
     p2: float = 0.0
+    k3: float = 0.0
 
     @property
     def is_identity(self) -> bool:
-        return self.k1 == 0.0 and self.k2 == 0.0 and self.p1 == 0.0 and self.p2 == 0.0
+        return self.k1 == 0.0 and self.k2 == 0.0 and self.p1 == 0.0 and self.p2 == 0.0 and self.k3 == 0.0
+
+    @property
+    def model(self) -> str:
+        """COLMAP's name of the smallest camera model holding this lens: OPENCV, or FULL_OPENCV when k3 != 0."""
+        return "OPENCV" if self.k3 == 0.0 else "FULL_OPENCV"
+
+    def describe(self) -> str:
+        """The coefficients as text for messages ('k1=-0.1 k2=0 p1=0 p2=0', plus k3 when it is not 0)."""
+        text = f"k1={self.k1:g} k2={self.k2:g} p1={self.p1:g} p2={self.p2:g}"
+        return text if self.k3 == 0.0 else f"{text} k3={self.k3:g}"
 
     def to_dict(self) -> dict:
-        """Ground-truth record: model name and parameters (the layout of cv2's distCoeffs)."""
-        return {"model": "OPENCV", "k1": self.k1, "k2": self.k2, "p1": self.p1, "p2": self.p2}
+        """Ground-truth record: model name and parameters (the layout of cv2's distCoeffs). Without k3 it
+        is {"model": "OPENCV", k1, k2, p1, p2}; with k3 != 0, {"model": "FULL_OPENCV", ..., "k3"} (COLMAP's
+        FULL_OPENCV with k4 = k5 = k6 = 0)."""
+        d = {"model": self.model, "k1": self.k1, "k2": self.k2, "p1": self.p1, "p2": self.p2}
+        return d if self.k3 == 0.0 else d | {"k3": self.k3}
+
+
+def _radial(r2: np.ndarray, lens: Lens) -> np.ndarray:
+    """1 + k1 r2 + k2 r2^2 + k3 r2^3 (the k3 term only when k3 != 0, so lenses without it keep their
+    bits)."""
+    radial = 1.0 + lens.k1 * r2 + lens.k2 * r2 * r2
+    if lens.k3 != 0.0:
+        radial = radial + lens.k3 * r2 * r2 * r2
+    return radial
 
 
 def distort_normalized(x: np.ndarray, y: np.ndarray, lens: Lens) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +85,7 @@ def distort_normalized(x: np.ndarray, y: np.ndarray, lens: Lens) -> tuple[np.nda
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     r2 = x * x + y * y
-    radial = 1.0 + lens.k1 * r2 + lens.k2 * r2 * r2
+    radial = _radial(r2, lens)
     xd = x * radial + 2.0 * lens.p1 * x * y + lens.p2 * (r2 + 2.0 * x * x)
     yd = y * radial + lens.p1 * (r2 + 2.0 * y * y) + 2.0 * lens.p2 * x * y
     return xd, yd
@@ -69,8 +94,11 @@ def distort_normalized(x: np.ndarray, y: np.ndarray, lens: Lens) -> tuple[np.nda
 def _jacobian(x: np.ndarray, y: np.ndarray, lens: Lens) -> tuple[np.ndarray, ...]:
     """d(xd, yd)/d(x, y) -> (a, b, c, d) with J = [[a, b], [c, d]]."""
     r2 = x * x + y * y
-    radial = 1.0 + lens.k1 * r2 + lens.k2 * r2 * r2
-    dr = 2.0 * (lens.k1 + 2.0 * lens.k2 * r2)  # d radial / d(x or y), divided by x or y
+    radial = _radial(r2, lens)
+    dr = lens.k1 + 2.0 * lens.k2 * r2
+    if lens.k3 != 0.0:
+        dr = dr + 3.0 * lens.k3 * r2 * r2
+    dr = 2.0 * dr  # d radial / d(x or y), divided by x or y
     a = radial + x * x * dr + 2.0 * lens.p1 * y + 6.0 * lens.p2 * x
     b = x * y * dr + 2.0 * lens.p1 * x + 2.0 * lens.p2 * y
     c = x * y * dr + 2.0 * lens.p1 * x + 2.0 * lens.p2 * y
@@ -144,7 +172,7 @@ def check_lens(lens: Lens, K: np.ndarray, height: int, width: int) -> None:
     xd = (uu - K[0, 2]) / K[0, 0]
     yd = (vv - K[1, 2]) / K[1, 1]
     x, y, err = undistort_normalized(xd, yd, lens)
-    what = (f"lens distortion k1={lens.k1:g} k2={lens.k2:g} p1={lens.p1:g} p2={lens.p2:g} folds over within "
+    what = (f"lens distortion {lens.describe()} folds over within "
             f"the {width}x{height} image at this field of view (no pinhole ray for some pixels); use a weaker "
             f"distortion (at a 60 degree 16:9 view k1 >= -0.33 with k2 = 0, k1 >= -0.36 with k2 = 0.03) or a "
             f"narrower field of view")
@@ -158,7 +186,7 @@ def check_lens(lens: Lens, K: np.ndarray, height: int, width: int) -> None:
 
 
 def lens_from_dict(d: dict) -> Lens:
-    """Inverse of `Lens.to_dict`."""
+    """Inverse of `Lens.to_dict` (a record without k3 has k3 = 0)."""
     return Lens(**{k: float(v) for k, v in d.items() if k in asdict(Lens())})
 
 
@@ -189,7 +217,7 @@ def pinhole_focal_scale(K: np.ndarray, lens: Lens, height: int, width: int, step
         return 1.0
     lo, hi = 1.0, 2.0
     if not inside(hi):
-        raise LensError(f"lens k1={lens.k1:g} k2={lens.k2:g}: no pinhole view within 2x the focal fits the image")
+        raise LensError(f"lens {lens.describe()}: no pinhole view within 2x the focal fits the image")
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if inside(mid) else (mid, hi)

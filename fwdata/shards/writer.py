@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
@@ -206,8 +206,11 @@ class _HashingWriter:
         self._f.flush()
 
 
-def _write_shard(path: Path, rows: list[dict], samples: list[_Sample]) -> ShardInfo:
-    """Write one tar shard atomically (temporary name, fsync, rename); returns its index entry."""
+def write_tar(path: Path, samples: Iterable[dict]) -> tuple[int, str]:
+    """Write WebDataset samples (``{"__key__": key, member: bytes, ...}``, consumed one at a time) to the
+    tar `path` atomically (temporary name, fsync, rename), with the format's fixed member metadata
+    (mtime, owner, mode), so the same samples give the same bytes. Returns (bytes, sha256) of the file.
+    An exception from `samples` leaves nothing at `path` (nor a temporary file)."""
     import webdataset as wds
 
     tmp = tmp_name(path)
@@ -216,14 +219,7 @@ def _write_shard(path: Path, rows: list[dict], samples: list[_Sample]) -> ShardI
             hw = _HashingWriter(fh)
             with wds.TarWriter(hw, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False,
                                mtime=TAR_MTIME) as tw:
-                for row, s in zip(rows, samples):
-                    sample = {"__key__": row["key"], RECORD_MEMBER: s.record_bytes}
-                    for member, p in s.files.items():
-                        data = p.read_bytes()
-                        if hashlib.sha256(data).hexdigest() != s.sha256[member]:
-                            raise ShardError(f"sample {s.record.id}: {p} changed while it was sharded; run again "
-                                             f"when the dataset is not being written")
-                        sample[member] = data
+                for sample in samples:
                     tw.write(sample)
             fh.flush()
             os.fsync(fh.fileno())
@@ -231,7 +227,25 @@ def _write_shard(path: Path, rows: list[dict], samples: list[_Sample]) -> ShardI
     finally:
         if tmp.exists():
             tmp.unlink()
-    return ShardInfo(name=path.name, num_samples=len(rows), bytes=hw.size, sha256=hw.sha256.hexdigest(),
+    return hw.size, hw.sha256.hexdigest()
+
+
+def _write_shard(path: Path, rows: list[dict], samples: list[_Sample]) -> ShardInfo:
+    """Write one tar shard atomically (`write_tar`); returns its index entry."""
+
+    def members():
+        for row, s in zip(rows, samples):
+            sample = {"__key__": row["key"], RECORD_MEMBER: s.record_bytes}
+            for member, p in s.files.items():
+                data = p.read_bytes()
+                if hashlib.sha256(data).hexdigest() != s.sha256[member]:
+                    raise ShardError(f"sample {s.record.id}: {p} changed while it was sharded; run again "
+                                     f"when the dataset is not being written")
+                sample[member] = data
+            yield sample
+
+    size, sha256 = write_tar(path, members())
+    return ShardInfo(name=path.name, num_samples=len(rows), bytes=size, sha256=sha256,
                      first_index=int(rows[0]["index"]))
 
 

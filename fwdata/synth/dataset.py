@@ -122,7 +122,8 @@ def _effect_notes(truth: dict) -> list[str]:
     notes = []
     if "lens" in truth:
         L = truth["lens"]
-        notes.append(f"lens {L['model']} k1={L['k1']:g} k2={L['k2']:g} p1={L['p1']:g} p2={L['p2']:g}: the video "
+        k3 = f" k3={L['k3']:g}" if "k3" in L else ""
+        notes.append(f"lens {L['model']} k1={L['k1']:g} k2={L['k2']:g} p1={L['p1']:g} p2={L['p2']:g}{k3}: the video "
                      f"is distorted; depth, points and cameras are the undistorted pinhole camera")
     if "noise" in truth:
         notes.append(f"sensor noise gaussian std={truth['noise']['std']:g} (8-bit levels)")

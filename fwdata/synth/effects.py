@@ -42,7 +42,8 @@ __all__ = ["Effects", "REALISTIC", "PRESETS", "preset", "make_effects_clip", "fl
 class Effects:
     """Camera and scene effects of a synthetic clip. The defaults are all off (the clean renderer).
 
-    k1, k2, p1, p2: OpenCV lens distortion (k1 about -0.35..0.15; k2 -0.1..0.1; p1, p2 -0.005..0.005).
+    k1, k2, p1, p2, k3: OpenCV lens distortion (k1 about -0.35..0.15; k2 -0.1..0.1; p1, p2 -0.005..0.005;
+      k3, the r^6 term, 0 for most lenses; wide or calibrated lenses -1..1.2).
     noise_std: std of additive Gaussian noise, 8-bit levels (0..10; phones 1-4 in daylight).
     blur_shutter: exposure time as a fraction of the frame interval (0..1); blur_samples renders
       averaged over it (2..16).
@@ -62,6 +63,7 @@ class Effects:
     k2: float = 0.0
     p1: float = 0.0
     p2: float = 0.0
+    k3: float = 0.0
     noise_std: float = 0.0
     blur_shutter: float = 0.0
     blur_samples: int = 5
@@ -76,7 +78,7 @@ class Effects:
 
     @property
     def lens(self) -> Lens:
-        return Lens(self.k1, self.k2, self.p1, self.p2)
+        return Lens(self.k1, self.k2, self.p1, self.p2, self.k3)
 
     def changed(self) -> dict:
         """The fields that differ from the defaults (what a record stores), in field order."""
@@ -101,11 +103,12 @@ class Effects:
             if not ok:
                 raise ValueError(msg)
 
-        for name in ("k1", "k2", "p1", "p2", "noise_std", "blur_shutter", "exposure_drift", "wb_drift",
+        for name in ("k1", "k2", "p1", "p2", "k3", "noise_std", "blur_shutter", "exposure_drift", "wb_drift",
                      "low_texture_contrast"):
             need(math.isfinite(getattr(self, name)), f"--{name.replace('_', '-')} must be finite")
         need(-1.0 <= self.k1 <= 1.0 and -1.0 <= self.k2 <= 1.0, "lens k1/k2 must be within [-1, 1]")
         need(abs(self.p1) <= 0.05 and abs(self.p2) <= 0.05, "lens p1/p2 must be within [-0.05, 0.05]")
+        need(-2.0 <= self.k3 <= 2.0, "lens k3 must be within [-2, 2]")
         need(0.0 <= self.noise_std <= 64.0, "--noise must be within [0, 64] (8-bit levels)")
         need(0.0 <= self.blur_shutter <= 1.0, "--blur must be within [0, 1] (fraction of the frame interval)")
         need(1 <= self.blur_samples <= 64, "--blur-samples must be within [1, 64]")

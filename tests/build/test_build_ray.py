@@ -44,19 +44,36 @@ CLI_OPTIONS = ["--frames", "9", "--height", "96", "--width", "160", "--stride", 
 VOLATILE = ("created", "command", "runs")  # provenance fields that describe the runs, not the data
 
 #: a driver process: a Ray instance with 2 CPUs (`ray.init`), then builds one after another, each
-#: with its own fault hook (or none); a build may be copied aside when it ends
+#: with its own fault hook (or none) and the CLI's progress bar (its in-flight reports and status
+#: lines are kept); a build may be copied aside when it ends
 DRIVER = f"""
-import json, os, shutil, sys
+import io, json, os, shutil, sys
 import ray
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+from rich.console import Console
+from fwdata.build.cli import RichBuildProgress
 from fwdata.build.pipeline import build_dataset, load_config
+
+class Recording(RichBuildProgress):
+    def __init__(self):
+        super().__init__(Console(file=io.StringIO(), width=200))
+        self.flights, self.lines = [], []
+    def in_flight(self, n):
+        super().in_flight(n)
+        self.flights.append(n)
+    def clip_done(self, outcome):
+        super().clip_done(outcome)
+        self.lines.append(self._status())
+
 results = []
 for b in json.loads(sys.argv[1]):
     os.environ.pop({FAULT_KILL_CLIP!r}, None)
     if b.get("fault"):
         os.environ[{FAULT_KILL_CLIP!r}] = b["fault"]
-    s = build_dataset(b["inputs"], b["out"], load_config(None, b["options"]))
-    results.append(dict(built=s.built, skipped=s.skipped, failures=[f.model_dump(mode="json") for f in s.failures]))
+    p = Recording()
+    s = build_dataset(b["inputs"], b["out"], load_config(None, b["options"]), progress=p)
+    results.append(dict(built=s.built, skipped=s.skipped, failures=[f.model_dump(mode="json") for f in s.failures],
+                        flights=p.flights, lines=p.lines))
     if b.get("copy_to"):
         shutil.copytree(b["out"], b["copy_to"])
 ray.shutdown()
@@ -136,6 +153,9 @@ def test_ray_builds_the_same_bytes_as_the_local_executor(inputs, local_build, ra
     assert_same_files(_comparable(dataset_files(local_build)), _comparable(dataset_files(out)), "local vs ray")
     options = json.loads((out / "metadata.json").read_text())["provenance"]["options"]
     assert "executor" not in options and "ray_address" not in options, "where clips ran is not part of the data"
+    # progress from the driver: both clips submitted at once (window 4 on 2 CPUs), then one by one done
+    assert res["flights"] == [2, 1, 0], res["flights"]
+    assert "[cyan]1 in flight[/]" in res["lines"][0] and res["lines"][-1].startswith("[green]2 ok[/] [cyan]0 in flight[/]")
     # resume either way: the local executor finds every clip of the Ray build finished
     again = build_dataset(inputs, out, load_config(None, OPTIONS))
     assert (again.built, again.skipped) == (0, 2)

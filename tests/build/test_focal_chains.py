@@ -53,8 +53,51 @@ def test_a_two_cycle_is_one_basin_and_chains_share_maps(monkeypatch):
     sol = sfm._solve(_clip(), [0, 1, 2], refine=True)
     assert sol.best.f_final == 448.0 and sol.starts == 3
     assert sol.hypotheses == [448.0, 448.0, 448.0] and sol.spread == 0.0
-    # the 75-degree chain reaches 447.8 -> the 449.2 map already built: no map is built twice
-    assert len(built) == 8 and len({round(f) for f in built}) == 8
+    # the 75-degree chain reaches 447.8 -> the 449.2 map already built; the 30-degree chain adjusts to
+    # 614.3, 1.6 % from the first chain's 604.8 map (within FOCAL_REVISIT), and follows it into the same
+    # cycle: its 614.3 and 462.9 maps are never built
+    assert [round(f, 1) for f in built] == [604.8, 482.0, 449.2, 361.7, 328.4, 940.5]
+    chain = sfm._settle(_clip(), [0, 1, 2], 940.5, [], max_rounds=4)  # alone it builds them
+    assert [round(a.f_fixed) for a in chain.steps] == [940, 614, 463, 363]
+
+
+def test_a_focal_reuses_the_nearest_map_within_the_settling_resolution(monkeypatch):
+    # maps at 500 and 520 px are both within 3 % of 510: the chain takes the 520 one (1.9 % against 2.0 %)
+    table = {600.0: (510.0, .20), 500.0: (700.0, .30), 520.0: (521.0, .19)}
+    built = _install(monkeypatch, table, f0=600.0)
+    visited = [sfm._attempt(None, [0, 1, 2], f, None, True) for f in (500.0, 520.0)]
+    chain = sfm._settle(_clip(), [0, 1, 2], 600.0, visited)
+    assert chain.settled and chain.end.f_fixed == 520.0 and built == [500.0, 520.0, 600.0]
+    # 2.9 % off a built map is that map; 3.1 % off is a new one
+    assert sfm.FOCAL_REVISIT == sfm.FOCAL_SETTLED == 0.03
+    for f, reused in ((520.0 * 1.029, True), (520.0 * 1.031, False)):
+        visited = [sfm._attempt(None, [0, 1, 2], 520.0, None, True)]
+        table[round(f, 3)] = (f, .19)
+        c = sfm._settle(_clip(), [0, 1, 2], f, visited)
+        assert (c.steps[0].f_fixed == 520.0) == reused
+
+
+def test_a_start_next_to_a_built_map_is_no_independent_start(monkeypatch):
+    # the 30-degree start splits into two models (no complete chain), so the ladder goes on: its 60-degree
+    # start (436.5 px at W=504) is 1.9 % from the 445 map the first chain built (it would only reuse it)
+    # and is skipped; the 100-degree start (211.5 px) is mapped instead
+    table = {604.8: (445.0, .20), 445.0: (446.0, .18), 328.4: (447.0, .20), 940.5: (900.0, .20),
+             211.5: (300.0, .19), 300.0: (301.0, .185)}
+    built = _install(monkeypatch, table, f0=604.8)
+    stub = sfm._attempt
+
+    def attempt(clip, kf, f, extra, refine):
+        assert abs(f / 436.5 - 1) > 0.005, "a map was built at the skipped 60-degree start"
+        a = stub(clip, kf, f, extra, refine)
+        if round(f, 1) == 940.5:
+            a.num_models = 2
+        return a
+
+    monkeypatch.setattr(sfm, "_attempt", attempt)
+    sol = sfm._solve(_clip(), [0, 1, 2], refine=True)
+    assert [round(f, 1) for f in built] == [604.8, 445.0, 328.4, 940.5, 211.5, 300.0] and sol.starts == 3
+    assert sorted(sol.hypotheses) == [301.0, 446.0, 446.0]  # the clip's two basins: ambiguous
+    assert sol.spread > sfm.SfmOptions().max_focal_spread
 
 
 def test_a_chain_alone_runs_out_of_rounds_unsettled(monkeypatch):

@@ -134,3 +134,26 @@ def test_cache_contents_and_staleness(dataset_copy):
     _edit_metadata(dataset_copy, {0: {"notes": ["re-annotated"]}})
     with pytest.raises(CacheError, match="stale"):
         TrainingDataset(cfg, text_dim=16, cache=LatentCache.find(cfg))
+
+
+class _RaisesInWorker(torch.utils.data.Dataset):
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [DataError("shard-000001.tar is damaged: its sha256 does not match"),
+                                   CacheError("cache entry 00000003 is damaged")])
+def test_a_data_error_in_a_loader_worker_keeps_its_one_line(error):
+    """torch re-raises a worker's exception with the worker's traceback in the message; the trainer's
+    one-line errors stay one line (same class, the original message)."""
+    loader = torch.utils.data.DataLoader(_RaisesInWorker(error), num_workers=1)
+    with pytest.raises(type(error)) as caught:
+        next(iter(loader))
+    assert str(caught.value) == str(error)
+    assert "\n" not in str(caught.value)
