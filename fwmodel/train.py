@@ -18,8 +18,9 @@ What one run does, in order (the module of each part in brackets; this one is th
                     [train_step.build_optimizer]
     7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N [train_state]
     8. loop         one `train_step` per step (grad accumulation, bf16 autocast, grad clipping, grad
-                    norms per module; DDP over the trainable part only: the frozen backbone is outside
-                    DDP, no gradient sync, no broadcast, no optimizer state), non-finite steps skipped
+                    norms per module; DDP, or FSDP2 with train.parallel = "fsdp2" [parallel], over the
+                    trainable part only: the frozen backbone is outside it, no gradient sync, no
+                    broadcast, no optimizer state), non-finite steps skipped
                     and counted, logs [train_log], checkpoints [train_state]
 
 Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
@@ -57,8 +58,9 @@ from fwmodel.progress import Mode, StepProgress
 from fwmodel.train_config import ConfigError, TrainConfig, config_toml
 from fwmodel.train_log import RunLogger, peak_memory_gib
 from fwmodel.train_model import build_model, check_init_from, load_stage1
-from fwmodel.train_state import (ResumeError, SavedState, TrainState, list_states, load_state, open_state,
-                                 save_state, state_root)
+from fwmodel.parallel import wrap_model
+from fwmodel.train_state import (ResumeError, SavedState, TrainState, list_states, load_state, load_weights,
+                                 open_state, save_state, state_root)
 from fwmodel.train_step import build_optimizer, module_groups, train_step
 
 
@@ -389,28 +391,24 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     model = build_model(cfg, d.device, log)
     if not resuming and cfg.model.init_from is not None:
         load_stage1(model, cfg.model.init_from, stage, log, allow_missing_sidecar)
+    fsdp = d.enabled and tcfg.parallel == "fsdp2"
+    if fsdp:  # FSDP2 shards the model in place: weights loaded before, optimizer built after (fwmodel.parallel)
+        if resuming:
+            load_weights(output, saved, model, cfg, dataset.fingerprint, d, log, allow_missing_sidecar)
+        model = wrap_model(model, cfg, d)
     names, optimizer, scheduler = build_optimizer(model, cfg, d.device)
     groups = module_groups(model, stage)
     n_train = sum(p.numel() for ps in groups.values() for p in ps)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info(f"parameters: {n_train:,} trainable ({', '.join(groups)}), {n_frozen:,} frozen (no grads, "
-             "no optimizer state, outside DDP)")
+             f"no optimizer state, outside {'FSDP2' if fsdp else 'DDP'})")
 
     state = TrainState()
     if resuming:
         state = load_state(output, saved, model, optimizer, scheduler, names, cfg, dataset.fingerprint, d, log,
-                           allow_missing_sidecar)
+                           allow_missing_sidecar, weights=not fsdp)
 
-    ddp_model = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                        find_unused_parameters=model_config.geometry.camera_token_projector,
-                        broadcast_buffers=False)
+    ddp_model = model if fsdp else wrap_model(model, cfg, d)  # DDP (several processes) or the model itself
 
     encoders = None
     if not dataset.uses_cache:

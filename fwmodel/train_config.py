@@ -51,6 +51,10 @@ class TrainSection(_Section):
         None, ge=0, description="torch intra-op threads (--threads); unset: 1 for the tiny preset on a CPU (several "
         "times faster than the default for tiny models), torch's default otherwise; 0: torch's default"
     )
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="strategy of a multi-process run: ddp (replicated trainable part) or fsdp2 (sharded "
+        "trainable parameters, gradients and optimizer state; fwmodel.parallel); same trajectory, not hashed"
+    )
 
 
 class ModelSection(_Section):
@@ -106,7 +110,7 @@ class TrainConfig(_Section):
 _RESUMABLE_CHANGES = {
     # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
     "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
-              "dry_run_steps", "batch_size", "deterministic", "threads"},
+              "dry_run_steps", "batch_size", "deterministic", "threads", "parallel"},
     "model": {"wan_weights", "vae", "text_encoder", "init_from", "device", "gradient_checkpointing"},
     "data": {"root", "num_workers", "cache_dir", "cache", "allow_random_init_labels"},
     "memory": None,  # the whole section

@@ -1,6 +1,7 @@
 """The resumable state of a training run, in OUTPUT/state/step-N/ beside the weights step-N.safetensors:
 
-    optimizer.safetensors   AdamW moments per trainable parameter ("<param name>::<field>")
+    optimizer.safetensors   AdamW moments per trainable parameter ("<param name>::<field>"), full (FSDP2
+                            runs gather their shards), so a run resumes on any number of ranks
     trainer.json            step, counters, scheduler, config hash, data fingerprint, world size
     rng-rank<R>.safetensors torch (+ CUDA) and numpy RNG of rank R; rng-rank<R>.json the rest
     manifest.json           size and sha256 of every other file, written last
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from fwdata import __version__
 from fwmodel.checkpoint import file_sha256, load_trainable, save_trainable, verify_checkpoint_file
 from fwmodel.distributed import Dist
+from fwmodel.parallel import full_trainable_state, is_fsdp, load_full_optimizer
 from fwmodel.train_config import TrainConfig, config_hash, hashed_config
 from fwmodel.train_log import RunLogger
 from fwmodel.train_model import warn_missing_sidecar
@@ -89,6 +91,37 @@ def _load_optimizer(optimizer, names: list[str], tensors: dict, groups: list) ->
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _full_optimizer_tensors(optim: dict) -> tuple[dict, list]:
+    """The `_optimizer_tensors` format from a full optimizer state dict keyed by parameter name
+    (torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)."""
+    tensors = {f"{name}::{key}": value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+               for name, state in optim["state"].items() for key, value in state.items()}
+    return tensors, [dict(g) for g in optim["param_groups"]]
+
+
+def _full_optimizer_dict(tensors: dict, groups: list, names: list[str]) -> dict:
+    """The inverse of `_full_optimizer_tensors`: {"state": {name: {field: tensor}}, "param_groups": [...]}."""
+    if {n for g in groups for n in g["params"]} != set(names):
+        raise ResumeError("the saved optimizer state is for a different set of trainable parameters")
+    state: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, field_ = key.split("::")
+        state.setdefault(name, {})[field_] = value
+    param_groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else dict(g) for g in groups]
+    return {"state": state, "param_groups": param_groups}
+
+
+class _Consolidated:
+    """What `save_trainable` reads of a model (`config`, `named_parameters`), for full tensors gathered
+    from FSDP2 shards (`fwmodel.parallel.full_trainable_state`)."""
+
+    def __init__(self, config, tensors: dict[str, torch.Tensor]):
+        self.config, self._tensors = config, tensors
+
+    def named_parameters(self):
+        return iter(self._tensors.items())
 
 
 def _rng_state(device: torch.device) -> tuple[dict, dict]:
@@ -226,13 +259,17 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
     weights = output / f"step-{step}.safetensors"
     final = state_root(output) / f"step-{step}"
     tmp = state_root(output) / f".step-{step}.tmp"
+    full = None
+    if is_fsdp(model):  # FSDP2: gather the full trainable weights and optimizer state on rank 0 (a collective)
+        full = full_trainable_state(model, optimizer, names)
     if d.is_main:
         extra = {"config_hash": config_hash(cfg), "data_fingerprint": data_fp, "tool_version": __version__,
                  "train": cfg.model_dump(mode="json")}
-        save_trainable(model, weights, cfg.train.stage, step, extra=extra)
+        save_trainable(model if full is None else _Consolidated(model.config, full[0]), weights, cfg.train.stage,
+                       step, extra=extra)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tensors, groups = _optimizer_tensors(optimizer, names)
+        tensors, groups = _optimizer_tensors(optimizer, names) if full is None else _full_optimizer_tensors(full[1])
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         trainer = {
             "format": STATE_FORMAT,
@@ -271,10 +308,9 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
     return weights
 
 
-def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, names, cfg: TrainConfig,
-               data_fp: str, d: Dist, log: RunLogger, allow_missing_sidecar: bool = False) -> TrainState:
-    """Load a state verified by `open_state`: weights, optimizer, scheduler, RNG, counters."""
-    directory, step, trainer = saved.directory, saved.step, saved.trainer
+def _check_resumable(saved: SavedState, cfg: TrainConfig, data_fp: str, d: Dist) -> None:
+    """ResumeError when this run cannot continue `saved` (stage, config hash, data, samples per micro-step)."""
+    directory, trainer = saved.directory, saved.trainer
     if trainer.get("stage") != cfg.train.stage:
         raise ResumeError(f"{directory} is a Stage-{trainer.get('stage')} run; resume it with --stage {trainer.get('stage')}")
     if trainer["config_hash"] != config_hash(cfg):
@@ -289,12 +325,34 @@ def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, nam
     if trainer["global_micro_batch"] != cfg.train.batch_size * d.world_size:
         raise ResumeError(f"the run used {trainer['global_micro_batch']} samples per micro-step "
                           f"(batch_size x GPUs); now {cfg.train.batch_size} x {d.world_size}: keep it equal to resume")
-    warn_missing_sidecar(output / trainer["weights"], log)
-    info = load_trainable(model, output / trainer["weights"], cfg.train.stage,
+
+
+def load_weights(output: Path, saved: SavedState, model, cfg: TrainConfig, data_fp: str, d: Dist, log: RunLogger,
+                 allow_missing_sidecar: bool = False):
+    """Check that `saved` can be resumed, then load its step-N.safetensors into the (unsharded) model."""
+    _check_resumable(saved, cfg, data_fp, d)
+    warn_missing_sidecar(output / saved.trainer["weights"], log)
+    return load_trainable(model, output / saved.trainer["weights"], cfg.train.stage,
                           allow_missing_sidecar=allow_missing_sidecar)
+
+
+def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, names, cfg: TrainConfig,
+               data_fp: str, d: Dist, log: RunLogger, allow_missing_sidecar: bool = False,
+               weights: bool = True) -> TrainState:
+    """Load a state verified by `open_state`: weights (unless `weights` is False: FSDP2 loads them with
+    `load_weights` before sharding), optimizer, scheduler, RNG, counters. The optimizer state is the
+    full one (whatever the saved run's number of ranks): an FSDP2 model keeps its shard of it."""
+    directory, step, trainer = saved.directory, saved.step, saved.trainer
+    _check_resumable(saved, cfg, data_fp, d)
+    name = trainer["weights"]
+    if weights:
+        name = load_weights(output, saved, model, cfg, data_fp, d, log, allow_missing_sidecar).path.name
     with safe_open(str(directory / "optimizer.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    _load_optimizer(optimizer, names, {k: v.to(d.device) for k, v in tensors.items()}, trainer["param_groups"])
+    if is_fsdp(model):
+        load_full_optimizer(model, optimizer, _full_optimizer_dict(tensors, trainer["param_groups"], names))
+    else:
+        _load_optimizer(optimizer, names, {k: v.to(d.device) for k, v in tensors.items()}, trainer["param_groups"])
     scheduler.load_state_dict(trainer["scheduler"])
     rng_file = directory / f"rng-rank{d.rank}.safetensors"
     if trainer["world_size"] == d.world_size and rng_file.is_file():
@@ -303,6 +361,6 @@ def load_state(output: Path, saved: SavedState, model, optimizer, scheduler, nam
         _set_rng_state(rng, json.loads((directory / f"rng-rank{d.rank}.json").read_text()), d.device)
     else:
         log.info("note: different number of processes than the saved run; RNG states re-seeded")
-    log.info(f"resumed from {directory} (step {step}, weights {info.path.name}, "
+    log.info(f"resumed from {directory} (step {step}, weights {name}, "
              f"{trainer['skipped']} skipped steps so far)")
     return TrainState(step=step, skipped=trainer["skipped"], consecutive_skipped=trainer["consecutive_skipped"])

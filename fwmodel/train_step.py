@@ -62,12 +62,28 @@ def module_groups(model, stage: int) -> dict[str, list[torch.nn.Parameter]]:
     return {k: v for k, v in groups.items() if v}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: the local shard of a DTensor (FSDP2), else `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(global L2 norm, L2 norm per group) of the gradients, 0-d fp32 on the device. FSDP2 gradients are
+    DTensor shards: their squared norms are summed over all ranks (one all-reduce), so every rank gets
+    the norms of the full gradients."""
+    import torch.distributed as dist
+
+    grads = {name: [p.grad for p in params if p.grad is not None] for name, params in groups.items()}
+    if any(hasattr(g, "to_local") for gs in grads.values() for g in gs):  # FSDP2: sum of squares over the ranks
+        squares = torch.stack([torch.stack([torch.linalg.vector_norm(g.to_local().float()) ** 2 for g in gs]).sum()
+                               if gs else torch.zeros((), device=_local(groups[name][0]).device)
+                               for name, gs in grads.items()])
+        dist.all_reduce(squares)
+        return squares.sum().sqrt(), dict(zip(groups, squares.sqrt().unbind()))
     per_module = {}
-    for name, params in groups.items():
-        grads = [p.grad for p in params if p.grad is not None]
-        per_module[name] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros((), device=params[0].device)
+    for name, gs in grads.items():
+        per_module[name] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])) \
+            if gs else torch.zeros((), device=groups[name][0].device)
     total = torch.linalg.vector_norm(torch.stack(list(per_module.values())))
     return total, per_module
 
@@ -88,7 +104,8 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
                describe: Optional[Callable[[dict, dict], None]] = None) -> StepResult:
     """Optimizer step number `step` (1-based) over cfg.train.grad_accum micro-batches from `micro_batches`.
 
-    `model` is the FantasyWorldModel, or its DistributedDataParallel wrapper when `d.enabled` (one
+    `model` is the FantasyWorldModel, its DistributedDataParallel wrapper, or the model sharded by
+    FSDP2 (`fwmodel.parallel.wrap_model`; one
     process: `Dist(device=...)`; autocast runs on d.device's type). Each
     micro-batch is a dict on the device: "latents" [B, 16, S, H/8, W/8], "text" [B, L, text_dim], the
     ground truth `compute_losses` reads (depth, points, pose_enc and their masks) and, for Stage 2,
@@ -96,8 +113,12 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
     `groups`: the trainable parameters per module (`module_groups`). `describe(inputs, outputs)` is
     called once with the first micro-batch's model inputs and outputs (the trainer logs their shapes).
     """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fwmodel.parallel import is_fsdp
+
     tcfg, stage = cfg.train, cfg.train.stage
-    ddp = d.enabled
+    ddp, fsdp = isinstance(model, DistributedDataParallel), is_fsdp(model)
     backbone = (model.module if ddp else model).backbone
     backbone_dtype = next(backbone.parameters()).dtype
     autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.model.mixed_precision == "bf16"
@@ -112,6 +133,8 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
         noised = add_noise(batch["latents"], cfg.diffusion, seeds)
         plucker = plucker_for_batch(batch["w2c"], batch["K"], cfg.data.height, cfg.data.width) if stage == 2 else None
         sync = ddp and micro < tcfg.grad_accum - 1
+        if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+            model.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
         with (model.no_sync() if sync else nullcontext()), autocast:
             outputs = model(noised.noisy.to(backbone_dtype), noised.timestep,
                             batch["text"].to(backbone_dtype), plucker=plucker, video=stage == 2)
@@ -136,8 +159,8 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
             coef = (cfg.optim.grad_clip / (total_norm + 1e-6)).clamp(max=1.0)
             for ps in groups.values():
                 for p in ps:
-                    if p.grad is not None:
-                        p.grad.mul_(coef.to(p.grad.device))
+                    if p.grad is not None:  # the local shard of a DTensor gradient (FSDP2)
+                        _local(p.grad).mul_(coef.to(_local(p.grad).device))
         optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
     with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about the order)

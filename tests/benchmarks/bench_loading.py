@@ -1,7 +1,7 @@
 """Data loading for training: WebDataset shards vs the dataset folder, at the Stage-2 size (81 x 336 x 592).
 
     python tests/benchmarks/bench_loading.py [DATASET] [--samples N] [--items M] [--workers 1,2,4]
-        [--step-times 0.6,3.5] [--frames 81 --frame-stride 1] [--sources folder,shards]
+        [--step-times 0.6,3.5] [--frames 81 --frame-stride 1] [--sources folder,shards] [--cache]
 
 DATASET is a dataset folder with clips of at least 81 frames (default: N synthetic clips rendered at
 81 x 336 x 592 into a temporary folder; rendering takes minutes per clip on a busy CPU). Its shards
@@ -34,6 +34,9 @@ of `S` s then waits a fraction `1 - w S / (k c)` when that is positive, so `w >=
 it under 5 % (a core per worker assumed, and the prefetch queue, 2 per worker, absorbing jitter).
 
 `--frames 21 --frame-stride 4` loads the Stage 1 size (21 frames spread over 81) from the same clips.
+`--cache` first runs `fwmodel cache` on each source (the random-tiny encoders; a folder cache for the
+dataset, a sharded one for the shards) and loads with `data.cache = "require"`: the latents are read
+instead of the mp4 decoded, as in a run of the recipes (`data.cache = "auto"` with a cache made).
 
 Numbers are from a warm page cache on a local disk (the files are read once before timing): they
 measure decoding and the loaders, not the disk.
@@ -130,19 +133,37 @@ def workers_needed(cpu_per_sample: float, step_s: float, samples_per_step: int =
     return max(1, math.ceil((1 - max_wait) * samples_per_step * cpu_per_sample / step_s))
 
 
-def measure(root: Path, workers: int, items: int, step_s: float = 0.0, frames: int = T, stride: int = 1) -> dict:
+def loader_config(root: Path, workers: int, frames: int = T, stride: int = 1, cache: bool = False):
+    """The trainer's config for loading `root` (a dataset folder or shards) at frames x H x W."""
+    from fwmodel.train_config import load_config
+
+    return load_config(None, {"data.root": str(root), "data.split": "all", "data.num_frames": frames, "data.height": H,
+                              "data.width": W, "data.frame_stride": stride, "data.cache": "require" if cache else "off",
+                              "data.shuffle": False, "data.num_workers": workers, "model.vae": "random-tiny",
+                              "model.text_encoder": "random-tiny", "model.preset": "tiny",
+                              "data.allow_random_init_labels": True})
+
+
+def build_latent_cache(roots: list[Path], encoders: Path, frames: int, stride: int) -> None:
+    """`fwmodel cache` of each root (a folder cache for a dataset, a sharded one for shards) with the
+    randomly initialised tiny encoders: the loader then reads latents instead of decoding the mp4, as a
+    run with the recipes' `data.cache = "auto"` does (the latents' sizes are the tiny VAE's)."""
+    from fwmodel.cache import CacheOptions, build_cache
+
+    for root in roots:
+        cfg = loader_config(root, 0, frames, stride, cache=True)
+        build_cache(CacheOptions(dataset=root, vae=encoders, text_encoder=encoders, data=cfg.data, device="cpu"))
+
+
+def measure(root: Path, workers: int, items: int, step_s: float = 0.0, frames: int = T, stride: int = 1,
+            cache: bool = False) -> dict:
     """Load `items` batches through the trainer's loader, holding each for `step_s` seconds (a sleep that
     stands for the GPU step); samples/s, first batch (s), CPU-s/sample, data-wait fraction, peak PSS."""
     from fwmodel.config import get_preset
     from fwmodel.distributed import Dist
     from fwmodel.train import make_loader, prepare_data
-    from fwmodel.train_config import load_config
 
-    cfg = load_config(None, {"data.root": str(root), "data.split": "all", "data.num_frames": frames, "data.height": H,
-                             "data.width": W, "data.frame_stride": stride, "data.cache": "off", "data.shuffle": False,
-                             "data.num_workers": workers, "model.vae": "random-tiny",
-                             "model.text_encoder": "random-tiny", "model.preset": "tiny",
-                             "data.allow_random_init_labels": True})
+    cfg = loader_config(root, workers, frames, stride, cache)
     dataset = prepare_data(cfg, get_preset("tiny"))
     memory = PeakMemory()
     before = memory.total()
@@ -156,7 +177,8 @@ def measure(root: Path, workers: int, items: int, step_s: float = 0.0, frames: i
             batch = next(it)  # what the trainer times as data wait (fwmodel.train: micro_batches)
             waits.append(time.perf_counter() - tw)
             cpu.append(loader_cpu_seconds(workers))
-            assert batch["video"].shape == (1, 3, frames, H, W) and batch["depth"].shape == (1, frames, H, W)
+            assert batch["depth"].shape == (1, frames, H, W)
+            assert ("latents" in batch and "video" not in batch) if cache else batch["video"].shape == (1, 3, frames, H, W)
             times.append(time.perf_counter() - t0)
             if step_s > 0 and i < items - 1:
                 time.sleep(step_s)  # the GPU step: the loader's workers go on preparing meanwhile
@@ -182,6 +204,9 @@ def main() -> None:
     parser.add_argument("--sources", default="folder,shards", help="which of folder,shards to load")
     parser.add_argument("--samples-per-step", type=int, default=1,
                         help="samples per GPU step (batch x grad_accum; the recipes: 1) for the derived workers")
+    parser.add_argument("--cache", action="store_true",
+                        help="load through a latent cache (made first with the random-tiny encoders), as the recipes' "
+                             "data.cache = auto does, instead of decoding the mp4")
     args = parser.parse_args()
     steps = [float(x) for x in args.step_times.split(",") if x.strip()]
     sources = [x.strip() for x in args.sources.split(",") if x.strip()]
@@ -202,10 +227,16 @@ def main() -> None:
         per_sample = sample_bytes(dataset)
         print(f"{dataset}: {per_sample / 2**20:.1f} MiB per sample (mp4 + depth + points + cameras); "
               f"{args.items} samples per configuration, {torch.get_num_threads()} torch thread(s), loading "
-              f"{args.frames} x {H} x {W} (frame stride {args.frame_stride})")
+              f"{args.frames} x {H} x {W} (frame stride {args.frame_stride}), "
+              f"{'latents from the cache' if args.cache else 'no latent cache: the mp4 decoded'}")
         roots = {"folder": dataset, "shards": shards}
+        if args.cache:
+            from fwmodel.cache import write_tiny_encoders
+
+            encoders = write_tiny_encoders(Path(tmp) / "encoders")
+            build_latent_cache([roots[name] for name in sources], encoders, args.frames, args.frame_stride)
         worker_counts = [int(w) for w in args.workers.split(",")]
-        size = dict(frames=args.frames, stride=args.frame_stride)
+        size = dict(frames=args.frames, stride=args.frame_stride, cache=args.cache)
         cpu: dict[str, list[float]] = {name: [] for name in sources}
         print("| source | workers | samples/s | MB/s | first batch (s) | CPU-s/sample | peak PSS (MiB) | before (MiB) |")
         print("|---|---|---|---|---|---|---|---|")
