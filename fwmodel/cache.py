@@ -326,12 +326,12 @@ class LatentCache:
         """The cache matching `cfg` (root, frames, size, stride, window), or None when there is none: a
         folder cache (cache.json), or a sharded one (`ShardedLatentCache`, its index cache-shards.json; the
         root may then be a URL)."""
-        from fwmodel.shard_data import _exists, location
+        from fwmodel.shard_data import location_exists, location
 
         directory = cache_path(cfg.root, cfg.clip_spec(), cfg.cache_dir)
         if (directory / "cache.json").is_file():
             return LatentCache(directory)
-        if _exists(location(directory), SHARD_CACHE_INDEX):
+        if location_exists(location(directory), SHARD_CACHE_INDEX):
             return ShardedLatentCache(directory)
         return None
 
@@ -599,13 +599,13 @@ class ShardedLatentCache(LatentCache):
     shard stream (`reader`, `sample`); `load(id)` alone cannot serve them."""
 
     def __init__(self, directory):
-        from fwmodel.shard_data import _join, _open, location
+        from fwmodel.shard_data import join_location, open_location, location
 
         self.dir = Path(directory)
         self.location = location(directory)
-        self.index_path = _join(self.location, SHARD_CACHE_INDEX)
+        self.index_path = join_location(self.location, SHARD_CACHE_INDEX)
         try:
-            with _open(self.location, SHARD_CACHE_INDEX) as f:
+            with open_location(self.location, SHARD_CACHE_INDEX) as f:
                 raw = json.loads(f.read())
         except (OSError, ValueError) as err:
             raise CacheError(f"sharded latent cache index {self.index_path} is unreadable ({str(err)[:200]}); run "
@@ -656,15 +656,15 @@ class ShardedLatentCache(LatentCache):
             self._check_shard(name, data_shards[name])
 
     def _check_shard(self, name: str, data_shard: ShardInfo) -> None:
-        from fwmodel.shard_data import _exists, _is_url, _join
+        from fwmodel.shard_data import location_exists, is_url, join_location
 
-        where = _join(self.location, name)
+        where = join_location(self.location, name)
         info = self.shard_info.get(name)
         if info is None:
             raise CacheError(f"{self.index_path} lists no shard {name} for its samples in it; run `{self._command()}` "
                              "again")
-        if _is_url(self.location):
-            present = _exists(self.location, name)
+        if is_url(self.location):
+            present = location_exists(self.location, name)
         else:
             path = Path(self.location) / name
             present = path.is_file()
@@ -683,14 +683,14 @@ class ShardedLatentCache(LatentCache):
     def reader(self, data_shard: ShardInfo, want: Callable[[int, str], bool]):
         """(global index, {member: bytes}) of the cache shard matching `data_shard`, in key order (see
         fwmodel.shard_data.iter_shard); CacheError when it cannot be read."""
-        from fwmodel.shard_data import _join, iter_shard
+        from fwmodel.shard_data import join_location, iter_shard
 
         try:
             yield from iter_shard(self.location, data_shard, want)
         except CacheError:
             raise
         except DataError:  # iter_shard's: a tar that cannot be read, or a key outside the data shard's range
-            raise CacheError(f"cache shard {_join(self.location, data_shard.name)} is damaged (not a readable tar of "
+            raise CacheError(f"cache shard {join_location(self.location, data_shard.name)} is damaged (not a readable tar of "
                              f"that shard's keys); run `{self._command()}` again") from None
 
     def sample(self, sample_id: str, members: dict[str, bytes], where: str) -> "CachedSample":
@@ -756,14 +756,14 @@ def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int,
     from fwdata.shards.format import is_shard_name
     from fwdata.shards.writer import write_tar
     from fwmodel.data import MemorySource
-    from fwmodel.shard_data import ShardSet, _is_url, iter_shard, location
+    from fwmodel.shard_data import ShardSet, is_url, iter_shard, location
 
     data, spec = _cache_spec(opts)
     shards = ShardSet(data.root)
     selection = shards.select(data)
     captions = _read_captions(opts.captions)
     directory = cache_path(data.root, spec, data.cache_dir)
-    if _is_url(location(directory)):
+    if is_url(location(directory)):
         raise CacheError(f"a sharded cache is written to a local folder, not {location(directory)}: pass --cache-dir "
                          "DIR (data.cache_dir), then copy DIR beside the shards")
     if (directory / "cache.json").is_file():

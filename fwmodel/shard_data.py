@@ -90,43 +90,46 @@ def location(root) -> str:
     return f"{m.group(1)}://{m.group(2)}"
 
 
-def _is_url(loc: str) -> bool:
+def is_url(loc: str) -> bool:
+    """A location (`location`) that fsspec opens, not a local path."""
     return "://" in loc
 
 
-def _join(loc: str, name: str) -> str:
-    return f"{loc.rstrip('/')}/{name}" if _is_url(loc) else str(Path(loc) / name)
+def join_location(loc: str, name: str) -> str:
+    """`name` under the location `loc` (a path, or a URL joined with /)."""
+    return f"{loc.rstrip('/')}/{name}" if is_url(loc) else str(Path(loc) / name)
 
 
-def _exists(loc: str, name: str) -> bool:
-    if not _is_url(loc):
+def location_exists(loc: str, name: str) -> bool:
+    """Whether the file `name` exists under the location `loc` (False when a URL's store cannot be reached)."""
+    if not is_url(loc):
         return (Path(loc) / name).is_file()
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(_join(loc, name))
+        fs, path = fsspec.core.url_to_fs(join_location(loc, name))
         return fs.isfile(path)
     except Exception:  # an unknown protocol or an unreachable store: not a shard root we can read
         return False
 
 
-def _open(loc: str, name: str):
+def open_location(loc: str, name: str):
     """A binary, seekable file object for `name` under the shard root."""
-    if not _is_url(loc):
+    if not is_url(loc):
         return open(Path(loc) / name, "rb")
     import fsspec
 
-    return fsspec.open(_join(loc, name), "rb").open()
+    return fsspec.open(join_location(loc, name), "rb").open()
 
 
 def is_shard_root(root) -> bool:
     """True when `root` holds shards.json (a finished `fwdata shard` output)."""
-    return root is not None and _exists(location(root), INDEX_FILE)
+    return root is not None and location_exists(location(root), INDEX_FILE)
 
 
 def check_not_incomplete(root) -> None:
     """DataError when `root` is a local folder with shards but no shards.json (a writer that did not finish)."""
-    if root is None or _is_url(location(root)):
+    if root is None or is_url(location(root)):
         return
     folder = Path(location(root))
     if folder.is_dir() and not (folder / INDEX_FILE).is_file() and not (folder / "metadata.json").is_file() and (
@@ -150,11 +153,11 @@ def iter_shard(loc: str, shard: ShardInfo, want: Callable[[int, str], bool]) -> 
     which `want(index, member)` holds are read (the others are seeked over). DataError when the shard is
     unreadable or holds a key outside its range."""
     try:
-        fh = _open(loc, shard.name)
+        fh = open_location(loc, shard.name)
     except OSError as err:
-        raise DataError(f"shard {_join(loc, shard.name)} cannot be opened ({err}); check the shard folder "
+        raise DataError(f"shard {join_location(loc, shard.name)} cannot be opened ({err}); check the shard folder "
                         "(`fwdata validate SHARDS`)") from None
-    where = _join(loc, shard.name)
+    where = join_location(loc, shard.name)
     last = range(shard.first_index, shard.first_index + shard.num_samples)
     with fh:
         try:
@@ -196,17 +199,17 @@ class ShardSet:
         try:
             self.metadata = DatasetMetadata.model_validate({**self.index.dataset_metadata, "samples": self.records})
         except ValidationError as err:
-            raise DataError(f"{_join(self.location, INDEX_FILE)}: dataset_metadata with the shards' records is not a "
+            raise DataError(f"{join_location(self.location, INDEX_FILE)}: dataset_metadata with the shards' records is not a "
                             f"valid metadata.json ({err.errors()[0]['msg']})") from None
 
     def _read_index(self) -> ShardIndex:
         """shards.json, validated by fwdata.shards (the format's own model)."""
-        path = _join(self.location, INDEX_FILE)
+        path = join_location(self.location, INDEX_FILE)
         try:
-            if not _is_url(self.location):
+            if not is_url(self.location):
                 index = load_index(self.location)
             else:
-                with _open(self.location, INDEX_FILE) as f:
+                with open_location(self.location, INDEX_FILE) as f:
                     index = ShardIndex.model_validate_json(f.read())
         except ShardFormatError as err:
             raise DataError(str(err)) from None
@@ -221,9 +224,9 @@ class ShardSet:
     def _check_files(self) -> None:
         """Every shard is there with its size (local files; sha256 is `fwdata validate SHARDS`'s, too slow here)."""
         for shard in self.index.shards:
-            if _is_url(self.location):
-                if not _exists(self.location, shard.name):
-                    raise DataError(f"shard {_join(self.location, shard.name)} is missing ({INDEX_FILE} lists it)")
+            if is_url(self.location):
+                if not location_exists(self.location, shard.name):
+                    raise DataError(f"shard {join_location(self.location, shard.name)} is missing ({INDEX_FILE} lists it)")
                 continue
             path = Path(self.location) / shard.name
             if not path.is_file():
@@ -237,7 +240,7 @@ class ShardSet:
         records: list[SampleRecord] = []
         shard_of: list[int] = []
         for number, shard in enumerate(self.index.shards):
-            where = _join(self.location, shard.name)
+            where = join_location(self.location, shard.name)
             seen = []
             for index, members in iter_shard(self.location, shard, lambda i, ext: ext == RECORD_MEMBER):
                 if RECORD_MEMBER not in members:
@@ -254,16 +257,16 @@ class ShardSet:
                 raise DataError(f"{where} holds samples {seen[:1]}..{seen[-1:]} ({len(seen)}), {INDEX_FILE} says "
                                 f"{shard.num_samples} from {shard.first_index}: the shard does not match its index")
         if len(records) != self.index.num_samples:
-            raise DataError(f"{_join(self.location, INDEX_FILE)}: the shards hold {len(records)} samples, expected "
+            raise DataError(f"{join_location(self.location, INDEX_FILE)}: the shards hold {len(records)} samples, expected "
                             f"{self.index.num_samples} (shards not numbered contiguously?)")
         return records, shard_of
 
     def _check_manifest(self) -> None:
         import pyarrow.parquet as pq
 
-        path = _join(self.location, MANIFEST_FILE)
+        path = join_location(self.location, MANIFEST_FILE)
         try:
-            with _open(self.location, MANIFEST_FILE) as f:
+            with open_location(self.location, MANIFEST_FILE) as f:
                 table = pq.read_table(f, columns=["index", "id"])
         except FileNotFoundError:
             raise DataError(f"{path} is missing: the shard folder is incomplete") from None
@@ -438,9 +441,9 @@ class ShardDataset(IterableDataset):
                         cache = self.cache
                         if cached is not None:
                             target[0] = index
-                            entry = advance_to(cached, index, _join(self.cache.location, shard.name))
+                            entry = advance_to(cached, index, join_location(self.cache.location, shard.name))
                             cache = self.cache.sample(self.records[self.selected[index]].id, entry,
-                                                      _join(self.cache.location, where))
+                                                      join_location(self.cache.location, where))
                         yield self.selected[index], where, members, cache
                 finally:
                     if cached is not None:
@@ -461,7 +464,7 @@ class ShardDataset(IterableDataset):
             where, members, cache = held.pop(pos)
             remaining[pos] -= 1
             record = self.records[pos]
-            yield make_sample(self.cfg, record, MemorySource(members, _join(loc, where)), pos, seed, cache)
+            yield make_sample(self.cfg, record, MemorySource(members, join_location(loc, where)), pos, seed, cache)
 
 
 def shuffle_buffer(items: list[int], size: int, rng: np.random.Generator) -> list[int]:
