@@ -8,6 +8,8 @@ and IRG blocks, the geometry branch (`GeometryConfig`) and the interaction modul
 Presets (see docs/MODEL.md for the parameter table):
 
     tiny              4 Wan blocks = 2 PCB + 2 IRG, a few thousand parameters; CPU tests.
+    tiny-i2v          the tiny preset as an image-to-video model (36 input channels, CLIP image tokens,
+                      camera-token projector): CPU tests of the I2V path and of the release key map.
     wan2.1-t2v-1.3b   the user's setup: Wan2.1-T2V-1.3B, 30 blocks = 12 PCB + 18 IRG.
     wan2.1-i2v-14b    the published FantasyWorld: Wan2.1-I2V-14B-480P, 40 blocks = 16 PCB + 24 IRG.
 
@@ -189,6 +191,18 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _tiny_i2v() -> ModelConfig:
+    """`tiny` shaped like `wan2.1-i2v-14b`: first-frame condition (36 input channels), CLIP image tokens of
+    width 16 with their own key/value projections, and the camera-token projector."""
+    tiny = _tiny()
+    return tiny.model_copy(update={
+        "name": "tiny-i2v",
+        "description": "CPU tests: the tiny preset as an image-to-video model (36 input channels, CLIP image tokens).",
+        "wan": tiny.wan.model_copy(update={"in_channels": 36, "image_dim": 16, "added_kv_proj_dim": tiny.wan.dim}),
+        "geometry": tiny.geometry.model_copy(update={"camera_token_projector": True}),
+    })
+
+
 def _t2v_1_3b() -> ModelConfig:
     return ModelConfig(
         name="wan2.1-t2v-1.3b",
@@ -225,7 +239,7 @@ def _i2v_14b() -> ModelConfig:
     )
 
 
-_PRESETS = {"tiny": _tiny, "wan2.1-t2v-1.3b": _t2v_1_3b, "wan2.1-i2v-14b": _i2v_14b}
+_PRESETS = {"tiny": _tiny, "tiny-i2v": _tiny_i2v, "wan2.1-t2v-1.3b": _t2v_1_3b, "wan2.1-i2v-14b": _i2v_14b}
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 

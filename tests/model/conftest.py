@@ -9,10 +9,8 @@ from fwmodel.config import VAE_SPATIAL, ModelConfig, get_preset
 
 
 def tiny_i2v_config() -> ModelConfig:
-    """The tiny preset with an I2V backbone (36 input channels, CLIP image tokens)."""
-    tiny = get_preset("tiny")
-    wan = tiny.wan.model_copy(update={"in_channels": 36, "image_dim": 8, "added_kv_proj_dim": tiny.wan.dim})
-    return tiny.model_copy(update={"name": "tiny-i2v", "wan": wan})
+    """The tiny preset with an I2V backbone (36 input channels, CLIP image tokens): the tiny-i2v preset."""
+    return get_preset("tiny-i2v")
 
 
 def make_inputs(
