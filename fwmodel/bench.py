@@ -34,9 +34,10 @@ from pydantic import BaseModel
 from fwmodel.config import get_preset
 from fwmodel.distributed import Dist, allow_tf32
 from fwmodel.memory import GIB, estimate_memory
-from fwmodel.train_config import TrainConfig
+from fwmodel.train_config import TrainConfig, checkpointing_mode
 from fwmodel.train_log import RunLogger, peak_memory_gib
 from fwmodel.train_model import build_model
+from fwmodel.speed import apply_speed
 from fwmodel.train_step import StepResult, build_optimizer, module_groups, train_step
 
 # Dense bf16 peak TFLOP/s (no sparsity). Checked in this order (H200 before H20).
@@ -69,6 +70,8 @@ class BenchResult(BaseModel):
     mfu: Optional[float]
     peak_memory_gib: float
     estimated_memory_gib: float
+    speed: dict = {}  # the [speed] flags of the run (fwmodel.train_config.SpeedSection)
+    attention_kernels: Optional[dict[str, int]] = None  # SDPA kernels of the first warm-up forward
     grad_norm: float  # global grad norm of the last timed step, before clipping
     loss_total: float  # loss/total of the last timed step
 
@@ -86,7 +89,10 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 def synthetic_batch(config, stage: int, batch: int, frames: int, height: int, width: int, device, seed: int = 0):
     """A micro-batch as the trainer's loader gives it with a latent cache (`train_step`'s input), on `device`:
     latents [B, 16, S, H/8, W/8], text [B, 512, text_dim], depth/points ground truth with all-valid masks,
-    pose_enc [B, T, 9], identity w2c and a pinhole K (focal W/2, pixels) per frame. Seeded by `seed`."""
+    pose_enc [B, T, 9], identity w2c and a pinhole K (focal W/2, pixels) per frame; for an image-to-video
+    preset also condition [B, 20, S, H/8, W/8] (the real `condition_mask` + a random first-frame latent) and
+    image_embeds [B, N, image_dim] (N = `fwmodel.i2v.num_image_tokens`: 257 for the released CLIP). Seeded by
+    `seed` (the T2V tensors are the same with or without the I2V ones)."""
     g = torch.Generator().manual_seed(seed)
     S = (frames - 1) // 4 + 1
     eye = torch.eye(4).expand(batch, frames, 4, 4).clone()
@@ -102,7 +108,20 @@ def synthetic_batch(config, stage: int, batch: int, frames: int, height: int, wi
         "w2c": eye,
         "K": K.clone(),
     }
+    data.update(synthetic_i2v(config, batch, frames, height, width, g))
     return {k: v.to(device) for k, v in data.items()}
+
+
+def synthetic_i2v(config, batch: int, frames: int, height: int, width: int, generator=None) -> dict:
+    """{"condition", "image_embeds"} of `synthetic_batch` for an image-to-video preset (fwmodel.i2v), {} else."""
+    from fwmodel.i2v import is_i2v, num_image_tokens, with_mask
+
+    if not is_i2v(config):
+        return {}
+    S = (frames - 1) // 4 + 1
+    latent = torch.randn(batch, 16, S, height // 8, width // 8, generator=generator)
+    image = torch.randn(batch, num_image_tokens(config.wan.image_dim), config.wan.image_dim, generator=generator)
+    return {"condition": with_mask(latent), "image_embeds": image}
 
 
 def count_model_flops(config, stage: int, batch: int, frames: int, height: int, width: int,
@@ -127,8 +146,9 @@ def count_model_flops(config, stage: int, batch: int, frames: int, height: int, 
         text = torch.randn(batch, 512, config.wan.text_dim)
         plucker = torch.randn(batch, frames, height, width, 6) if stage == 2 else None
         timestep = torch.full((batch,), 500.0)
+    i2v = {k: v.to(device) for k, v in synthetic_i2v(config, batch, frames, height, width).items()}
     with FlopCounterMode(display=False) as counter:
-        out = model(latents, timestep, text, plucker=plucker, video=stage == 2)
+        out = model(latents, timestep, text, plucker=plucker, video=stage == 2, **i2v)
         loss = sum(out[k].float().sum() for k in ("depth", "points", "depth_conf", "points_conf"))
         loss = loss + sum(p.sum() for p in out["pose_enc_list"])
         if out["video"] is not None:
@@ -138,11 +158,14 @@ def count_model_flops(config, stage: int, batch: int, frames: int, height: int, 
 
 
 def bench_config(preset: str, stage: int, batch_size: int = 1, num_frames: int = 81, height: int = 336,
-                 width: int = 592, gradient_checkpointing: bool = True, mixed_precision: str = "bf16") -> TrainConfig:
+                 width: int = 592, gradient_checkpointing: bool = True, mixed_precision: str = "bf16",
+                 speed: Optional[dict] = None) -> TrainConfig:
     """The training config the bench runs: the given size and precision, random Wan weights (backbone in bf16
-    with mixed_precision bf16, else fp32), one micro-batch per step, every other setting the trainer's default."""
+    with mixed_precision bf16, else fp32), one micro-batch per step, the [speed] flags `speed` (key -> value,
+    e.g. {"compile": "blocks"}), every other setting the trainer's default."""
     bf16 = mixed_precision == "bf16"
     return TrainConfig.model_validate({
+        "speed": dict(speed or {}),
         "train": {"stage": stage, "batch_size": batch_size},
         "model": {"preset": preset, "wan_weights": "random", "gradient_checkpointing": gradient_checkpointing,
                   "backbone_dtype": "bfloat16" if bf16 else "float32", "mixed_precision": mixed_precision},
@@ -174,6 +197,7 @@ def prepare_bench(cfg: TrainConfig, device: torch.device) -> BenchStep:
     if device.type == "cuda":
         allow_tf32(not cfg.train.deterministic)  # as init_distributed does for the trainer
     model = build_model(cfg, device, RunLogger(d, quiet=True, echo=lambda m: None))
+    apply_speed(model, cfg, device)  # [speed], as the trainer does before the optimizer
     _, optimizer, scheduler = build_optimizer(model, cfg, device)
     config = get_preset(cfg.model.preset)
     batch = synthetic_batch(config, cfg.train.stage, cfg.train.batch_size, cfg.data.num_frames, cfg.data.height,
@@ -197,6 +221,7 @@ def run_bench(
     count_flops: bool = True,
     flops_device: str = "meta",
     echo=print,
+    speed: Optional[dict] = None,
 ) -> BenchResult:
     """Time `steps` trainer steps (`train_step`) after `warmup` untimed ones; see the module docstring."""
     if (num_frames - 1) % 4 or height % 16 or width % 16:
@@ -206,19 +231,27 @@ def run_bench(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     config = get_preset(preset)
     bf16 = mixed_precision == "bf16"
+    cfg = bench_config(preset, stage, batch_size, num_frames, height, width, gradient_checkpointing,
+                       mixed_precision, speed)
+    gradient_checkpointing = checkpointing_mode(cfg) != "off"  # speed.activation_checkpointing may override
     est = estimate_memory(config, stage, batch_size, num_frames, height, width, gradient_checkpointing,
                           2 if bf16 else 4, 2 if bf16 else 4)
     flops = count_model_flops(config, stage, batch_size, num_frames, height, width, flops_device) if count_flops else None
 
-    bench = prepare_bench(bench_config(preset, stage, batch_size, num_frames, height, width, gradient_checkpointing,
-                                       mixed_precision), dev)
+    bench = prepare_bench(cfg, dev)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    kernels = None
     for i in range(warmup):
-        bench.step(i + 1)
+        if i == 0:  # the first warm-up step runs eagerly and records the SDPA kernels (compiling starts at the 2nd)
+            kernels = train_step(bench.model, itertools.repeat(bench.batch), bench.optimizer, bench.scheduler,
+                                 bench.groups, bench.cfg, bench.dist, step=1,
+                                 describe=lambda inputs, outputs: None).attention_kernels
+        else:
+            bench.step(i + 1)
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -246,6 +279,7 @@ def run_bench(
         achieved_tflops=achieved, peak_tflops=peak,
         mfu=achieved / peak if (achieved is not None and peak) else None,
         peak_memory_gib=peak_mem, estimated_memory_gib=est.total / GIB,
+        speed=cfg.speed.model_dump(mode="json"), attention_kernels=kernels,
         grad_norm=float(last.grad_norm), loss_total=float(last.losses["loss/total"]),
     )
 
@@ -258,6 +292,9 @@ def render(result: BenchResult) -> str:
         f"bench: preset {result.preset}, Stage {result.stage}, {result.device}, batch {result.batch_size}, "
         f"{result.num_frames}x{result.height}x{result.width} ({result.video_tokens_per_sample} video tokens/sample), "
         f"checkpointing {'on' if result.gradient_checkpointing else 'off'}, {result.mixed_precision}",
+        f"  speed            " + (", ".join(f"{k} {v}" for k, v in result.speed.items()) or "defaults"),
+        f"  attention        " + (", ".join(f"{k} x {n}" for k, n in sorted(result.attention_kernels.items()))
+                                  if result.attention_kernels else "not recorded (--warmup 0)"),
         f"  step time        {result.step_time_s:.3f} s (median of {result.steps})",
         f"  tokens/s         {result.tokens_per_s:,.0f}",
         f"  samples/s        {result.samples_per_s:.3f}",

@@ -7,6 +7,11 @@ Training then holds neither the VAE (127M) nor the UMT5-XXL encoder (5.7B, ~11 G
                                     convention, the clip spec, one entry per sample
         latents/<id>.safetensors    "latents" [16, S, H/8, W/8] (normalised: (mode - mean) / std)
         text/<sha>.safetensors      "text" [512, text_dim]: one file per distinct prompt
+        i2v/<id>.safetensors        only with an image encoder (`--image-encoder`, image-to-video presets):
+                                    "condition_latents" [16, S, H/8, W/8], the VAE latent of [first frame,
+                                    T-1 black frames] (fwmodel.i2v.first_frame_latent; the 4-channel mask is
+                                    rebuilt at load), and "image_embeds" [N, image_dim], the CLIP tokens of
+                                    the first frame of the sample's window (after the latents' resize)
 
 Conventions (recorded in cache.json): latents are the posterior *mode* of the Wan VAE, normalised
 per channel with the VAE's `latents_mean` / `latents_std`; text is tokenised to 512 tokens, encoded
@@ -24,7 +29,9 @@ the Wan repository layout (vae/, text_encoder/, tokenizer/) for tests and demos;
 them are marked random_init. `random-tiny` as the VAE or text-encoder path (`fwmodel cache --vae
 random-tiny --text-encoder random-tiny`, or model.vae / model.text_encoder) builds the same tiny
 random models in memory from their configs (seeded, nothing downloaded or written), like
-`fwdata build --depth-model random-tiny`; the cache records them as random_init.
+`fwdata build --depth-model random-tiny`; the cache records them as random_init. The same holds for
+the CLIP image encoder (`--image-encoder random-tiny`, fwmodel.i2v); cache.json then records it as
+"image_encoder". Without an image encoder nothing of the I2V part is written (a T2V cache's bytes).
 """
 
 from __future__ import annotations
@@ -125,7 +132,7 @@ def is_random_encoder(path) -> bool:
     if is_random_tiny(path):
         return True
     path = Path(path).expanduser()
-    return _is_random(path) or any(_is_random(path / sub) for sub in ("vae", "text_encoder"))
+    return _is_random(path) or any(_is_random(path / sub) for sub in ("vae", "text_encoder", "image_encoder"))
 
 
 def _tiny_vae():
@@ -339,14 +346,53 @@ class LatentCache:
     def text_dim(self) -> int:
         return int(self.info["text_encoder"]["d_model"])
 
+    #: True once `check_i2v` passed: `load_i2v` then serves each sample's condition and image tokens
+    i2v = False
+
     @property
     def random_init(self) -> bool:
-        return bool(self.info["vae"].get("random_init") or self.info["text_encoder"].get("random_init"))
+        return bool(self.info["vae"].get("random_init") or self.info["text_encoder"].get("random_init")
+                    or (self.info.get("image_encoder") or {}).get("random_init"))
+
+    def has_i2v(self, sample_id: str) -> bool:
+        """True when the entry of `sample_id` holds the I2V condition latent and image tokens."""
+        return "i2v" in self.samples[sample_id]
+
+    def check_i2v(self, records: Sequence[SampleRecord], image_dim: int) -> None:
+        """For an image-to-video run: CacheError (one line) unless the cache was made with an image encoder of
+        width `image_dim` and holds the I2V part of every record; then `load_i2v` serves them (self.i2v)."""
+        command = (f"fwmodel cache {self.info.get('dataset', 'DATASET')} --vae PATH --text-encoder PATH "
+                   "--image-encoder PATH")
+        image = self.info.get("image_encoder")
+        if not image:
+            raise CacheError(f"latent cache {self.dir} has no first-frame condition or CLIP image tokens (made "
+                             f"without --image-encoder), which an image-to-video preset needs; rerun `{command}`")
+        if int(image.get("hidden_size", -1)) != image_dim:
+            raise CacheError(f"latent cache {self.dir} holds CLIP image tokens of width {image.get('hidden_size')}, "
+                             f"but the model expects {image_dim}: rerun `{command}` with the matching image encoder")
+        missing = [r.id for r in records if not self.has_i2v(r.id)]
+        if missing:
+            raise CacheError(f"latent cache {self.dir} lacks the first-frame condition of {len(missing)} of the "
+                             f"{len(records)} training samples (e.g. {missing[0]}); rerun `{command}`")
+        self.i2v = True
+
+    def load_i2v(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition [20, S, Hl, Wl], image_embeds [N, image_dim]) of one sample, fp32 (fwmodel.i2v.with_mask)."""
+        from fwmodel.i2v import with_mask
+
+        try:
+            with safe_open(str(self.dir / self.samples[sample_id]["i2v"]), framework="pt") as f:
+                latent, image = f.get_tensor("condition_latents").float(), f.get_tensor("image_embeds").float()
+        except Exception as err:  # damaged or missing file
+            raise CacheError(f"I2V cache file of sample {sample_id} in {self.dir} is unreadable ({err}); run "
+                             "`fwmodel cache ... --image-encoder PATH` again") from None
+        return with_mask(latent), image
 
     def check_covers(self, records: Sequence[SampleRecord], text_dim: Optional[int]) -> None:
         missing = [r.id for r in records if r.id not in self.samples]
         stale = [r.id for r in records if r.id in self.samples and self.samples[r.id]["record"] != record_fingerprint(r)]
-        command = f"fwmodel cache {self.info.get('dataset', 'DATASET')} --vae PATH --text-encoder PATH"
+        command = f"fwmodel cache {self.info.get('dataset', 'DATASET')} --vae PATH --text-encoder PATH" + (
+            " --image-encoder PATH" if self.info.get("image_encoder") else "")
         if missing:
             raise CacheError(
                 f"latent cache {self.dir} lacks {len(missing)} of the {len(records)} training samples "
@@ -394,6 +440,8 @@ class CacheOptions:
     encoder_dtype: str = "float32"  # bfloat16 on GPUs
     storage_dtype: str = "bfloat16"
     text_dim: int = 16  # width of a `random-tiny` text encoder (the model preset's text_dim)
+    image_encoder: Optional[Path] = None  # CLIP (fwmodel.i2v.ImageEncoder): also cache the I2V condition
+    image_dim: int = 16  # width of a `random-tiny` image encoder (the preset's image_dim)
 
 
 def _device(name: str) -> torch.device:
@@ -437,6 +485,34 @@ def _encoders(opts: CacheOptions) -> tuple["VideoEncoder", "TextEncoder"]:
             TextEncoder(opts.text_encoder, device, dtype, text_dim=opts.text_dim))
 
 
+def _image_encoder(opts: CacheOptions):
+    """The CLIP image encoder of `opts` (fwmodel.i2v.ImageEncoder), or None without --image-encoder; its
+    ImageEncoderError becomes a CacheError (one line)."""
+    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+
+    if opts.image_encoder is None:
+        return None
+    try:
+        return ImageEncoder(opts.image_encoder, _device(opts.device), _DTYPES[opts.encoder_dtype], opts.image_dim)
+    except ImageEncoderError as err:
+        raise CacheError(str(err)) from None
+
+
+def _check_same_image_encoder(before: dict, directory: Path, image_encoder) -> None:
+    """CacheError when the existing cache (provenance `before`) was made with an image encoder and this run
+    has none, or one of another width, or random where that one was real (or the reverse)."""
+    was = (before or {}).get("image_encoder")
+    if not was:
+        return
+    if image_encoder is None:
+        raise CacheError(f"{directory} was made with --image-encoder ({was.get('path')}): pass it again (its "
+                         "new samples need the I2V condition too), or delete the folder")
+    now = image_encoder.provenance()
+    if was.get("hidden_size") != now["hidden_size"] or bool(was.get("random_init")) != bool(now["random_init"]):
+        raise CacheError(f"{directory} was made with another image encoder ({was.get('path')}, width "
+                         f"{was.get('hidden_size')}): delete the folder or pass the same --image-encoder")
+
+
 def _check_same_encoders(before: dict, directory: Path, vae: "VideoEncoder", text_encoder: "TextEncoder") -> None:
     """CacheError when the existing cache (its provenance `before`: cache.json or the shard cache index) was
     made with a text encoder of another width, or with random where these are real (or the reverse)."""
@@ -453,14 +529,28 @@ def _check_same_encoders(before: dict, directory: Path, vae: "VideoEncoder", tex
             )
 
 
-def _encode_sample(record: SampleRecord, source, spec: ClipSpec, vae: "VideoEncoder") -> tuple[int, list[int], torch.Tensor]:
-    """(window start, clip frame indices, latents [16, S, H/8, W/8]) of one sample; `source` is the dataset
-    root, or a MemorySource of the sample's shard members."""
+def _encode_sample(record: SampleRecord, source, spec: ClipSpec, vae: "VideoEncoder",
+                   image_encoder=None) -> tuple[int, list[int], torch.Tensor, Optional[dict]]:
+    """(window start, clip frame indices, latents [16, S, H/8, W/8], I2V part) of one sample; `source` is the
+    dataset root, or a MemorySource of the sample's shard members. The I2V part (None without
+    `image_encoder`) is {"condition_latents": [16, S, H/8, W/8], "image_embeds": [N, image_dim]} of the
+    window's first frame, resized like the latents (`encode_i2v`)."""
     start = window_start(record.num_frames, spec)
     indices = list(range(start, start + spec.span, spec.frame_stride))
     plan = ResizePlan.cover((record.height, record.width), (spec.height, spec.width))
     video = load_frames(source, record, indices, plan)[None]
-    return start, indices, vae(video)[0]
+    i2v = encode_i2v(video, vae, image_encoder) if image_encoder is not None else None
+    return start, indices, vae(video)[0], (None if i2v is None else {k: v[0] for k, v in i2v.items()})
+
+
+def encode_i2v(video: torch.Tensor, vae: "VideoEncoder", image_encoder) -> dict[str, torch.Tensor]:
+    """The I2V part of clips [B, 3, T, H, W] in [-1, 1]: {"condition_latents": [B, 16, S, H/8, W/8] (the
+    first frame's `fwmodel.i2v.first_frame_latent`), "image_embeds": [B, N, image_dim]} (fp32). The one
+    encoding of the cache and of the trainer's online path."""
+    from fwmodel.i2v import first_frame_latent
+
+    first = video[:, :, 0]
+    return {"condition_latents": first_frame_latent(vae, first, video.shape[2]), "image_embeds": image_encoder(first)}
 
 
 def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
@@ -488,6 +578,8 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
     storage = _DTYPES[opts.storage_dtype]
     vae, text_encoder = _encoders(opts)
     _check_same_encoders(manifest, directory, vae, text_encoder)
+    image_encoder = _image_encoder(opts)
+    _check_same_image_encoder(manifest, directory, image_encoder)
 
     def write_manifest() -> None:
         info = {
@@ -503,6 +595,7 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
             "encoder_dtype": opts.encoder_dtype,
             "vae": vae.provenance(),
             "text_encoder": text_encoder.provenance(),
+            **({"image_encoder": image_encoder.provenance()} if image_encoder is not None else {}),
             "samples": done,
         }
         tmp = manifest_path.with_name(f".cache.json.tmp-{os.getpid()}")
@@ -510,11 +603,12 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
         os.replace(tmp, manifest_path)
 
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in selection.records if done.get(r.id, {}).get("record") != record_fingerprint(r)]
+    todo = [r for r in selection.records if done.get(r.id, {}).get("record") != record_fingerprint(r)
+            or (image_encoder is not None and "i2v" not in done[r.id])]
     if progress:
         progress("", 0, len(todo))
     for n, record in enumerate(todo):
-        start, indices, latents = _encode_sample(record, data.root, spec, vae)
+        start, indices, latents, i2v = _encode_sample(record, data.root, spec, vae, image_encoder)
         prompt = captions.get(record.id, data.prompt)
         text_file = f"text/{prompt_key(prompt)}.safetensors"
         if not (directory / text_file).is_file():
@@ -529,6 +623,10 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
             "record": record_fingerprint(record),
             "latent_shape": list(latents.shape),
         }
+        if i2v is not None:
+            i2v_file = f"i2v/{record.id}.safetensors"
+            _atomic_save({k: v.to(storage) for k, v in i2v.items()}, directory / i2v_file)
+            done[record.id]["i2v"] = i2v_file
         write_manifest()
         if progress:
             progress(record.id, n + 1, len(todo))
@@ -548,7 +646,9 @@ def build_cache(opts: CacheOptions, progress: Optional[Callable[[str, int, int],
 #                                 WebDataset samples with the data sample's key (%08d), in key order,
 #                                 members latents.safetensors ("latents" [16, S, H/8, W/8]) and
 #                                 text.safetensors ("text" [512, text_dim], metadata "prompt"): the
-#                                 bytes of the folder cache's latents/<id> and text/<sha> files
+#                                 bytes of the folder cache's latents/<id> and text/<sha> files; with an
+#                                 image encoder also i2v.safetensors (the folder cache's i2v/<id>), and
+#                                 the index then records "image_encoder"
 #
 # The trainer streams cache shard N beside data shard N (fwmodel.shard_data): one open tar each, read
 # forward, so the sample order, ranks, workers and resume position are the data stream's.
@@ -557,7 +657,8 @@ SHARD_CACHE_INDEX = "cache-shards.json"
 SHARD_CACHE_FORMAT = "fwmodel-latent-cache-shards"
 LATENTS_MEMBER = "latents.safetensors"
 TEXT_MEMBER = "text.safetensors"
-CACHE_MEMBERS = (LATENTS_MEMBER, TEXT_MEMBER)
+I2V_MEMBER = "i2v.safetensors"
+CACHE_MEMBERS = (LATENTS_MEMBER, TEXT_MEMBER)  # of every entry; I2V_MEMBER too where its sha256 is listed
 
 
 class ShardCacheEntry(BaseModel):
@@ -626,7 +727,8 @@ class ShardedLatentCache(LatentCache):
             self.by_shard.setdefault(entry["shard"], {})[sample_id] = entry
 
     def _command(self) -> str:
-        return f"fwmodel cache {getattr(self, 'data_location', self.index.dataset)} --vae PATH --text-encoder PATH"
+        return (f"fwmodel cache {getattr(self, 'data_location', self.index.dataset)} --vae PATH --text-encoder PATH"
+                + (" --image-encoder PATH" if self.info.get("image_encoder") else ""))
 
     def check_covers(self, records: Sequence[SampleRecord], text_dim: Optional[int], shards=None,
                      global_index: Optional[Sequence[int]] = None) -> None:
@@ -693,6 +795,9 @@ class ShardedLatentCache(LatentCache):
             raise CacheError(f"cache shard {join_location(self.location, data_shard.name)} is damaged (not a readable tar of "
                              f"that shard's keys); run `{self._command()}` again") from None
 
+    def has_i2v(self, sample_id: str) -> bool:
+        return I2V_MEMBER in self.samples[sample_id]["sha256"]
+
     def sample(self, sample_id: str, members: dict[str, bytes], where: str) -> "CachedSample":
         """The cache entry of `sample_id` with its members as read from its cache shard (`where` names it)."""
         return CachedSample(self, sample_id, members, where)
@@ -713,10 +818,26 @@ class CachedSample:
         return int(self.entry["window_start"])
 
     def load(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._members(((LATENTS_MEMBER, "latents"), (TEXT_MEMBER, "text")))
+        return out[0], out[1]
+
+    @property
+    def i2v(self) -> bool:
+        return self.cache.i2v
+
+    def load_i2v(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition [20, S, Hl, Wl], image_embeds [N, image_dim]), as LatentCache.load_i2v."""
+        from fwmodel.i2v import with_mask
+
+        latent, image = self._members(((I2V_MEMBER, "condition_latents"), (I2V_MEMBER, "image_embeds")))
+        return with_mask(latent), image
+
+    def _members(self, wanted) -> list[torch.Tensor]:
+        """The tensors (member, tensor name) of this entry, fp32, each member's sha256 checked."""
         from safetensors.torch import load as load_bytes
 
         out = []
-        for member, name in ((LATENTS_MEMBER, "latents"), (TEXT_MEMBER, "text")):
+        for member, name in wanted:
             data = self.members.get(member)
             if data is None or hashlib.sha256(data).hexdigest() != self.entry["sha256"].get(member):
                 what = "is missing" if data is None else f"does not match its sha256 in {SHARD_CACHE_INDEX}"
@@ -727,7 +848,7 @@ class CachedSample:
             except Exception as err:  # safetensors raises its own error types
                 raise CacheError(f"cache shard {self.where}.{member} is unreadable ({str(err)[:200]}); run "
                                  f"`{self.cache._command()}` again") from None
-        return out[0], out[1]
+        return out
 
 
 @dataclass
@@ -778,6 +899,8 @@ def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int,
     storage = _DTYPES[opts.storage_dtype]
     vae, text_encoder = _encoders(opts)
     _check_same_encoders(prev.info if prev else {}, directory, vae, text_encoder)
+    image_encoder = _image_encoder(opts)
+    _check_same_image_encoder(prev.info if prev else {}, directory, image_encoder)
 
     # the plan: per data shard, its cached samples in key order
     selected = {r.id for r in selection.records}
@@ -805,7 +928,8 @@ def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int,
         for items in plan.values():
             for item in items:
                 old = prev.samples.get(item.record.id)
-                if old is not None and old["shard"] in valid_prev and all(old[k] == item.entry[k] for k in _PLAN_KEYS):
+                if old is not None and old["shard"] in valid_prev and all(old[k] == item.entry[k] for k in _PLAN_KEYS) \
+                        and (image_encoder is None or I2V_MEMBER in old["sha256"]):
                     item.reuse = old
     plan = {name: kept for name, items in plan.items()
             if (kept := [item for item in items if item.prompt is not None or item.reuse is not None])}
@@ -841,6 +965,7 @@ def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int,
                   "frame_stride": spec.frame_stride, "window": spec.window},
             storage_dtype=opts.storage_dtype, encoder_dtype=opts.encoder_dtype, vae=vae.provenance(),
             text_encoder=text_encoder.provenance(), shards=[listed[n] for n in names],
+            **({"image_encoder": image_encoder.provenance()} if image_encoder is not None else {}),
             samples={i: e for n in names for i, e in sorted(by_shard.get(n, []), key=lambda ie: ie[1]["key"])})
         atomic_write_text(directory / SHARD_CACHE_INDEX, json.dumps(index.model_dump(mode="json"), indent=1,
                                                                     default=str) + "\n")
@@ -883,16 +1008,19 @@ def build_shard_cache(opts: CacheOptions, progress: Optional[Callable[[str, int,
                         if item.reuse is not None:
                             members = advance_to(old_reader, item.index, f"{directory / name}")
                             if any(hashlib.sha256(members.get(m, b"")).hexdigest() != item.reuse["sha256"].get(m)
-                                   for m in CACHE_MEMBERS):
+                                   for m in item.reuse["sha256"]):
                                 raise CacheError(f"{directory / name}: sample {item.entry['key']} changed while it "
                                                  "was read; run `fwmodel cache` again")
                             entries[rid] = item.reuse
                         else:
                             raw = advance_to(data_reader, item.index, f"{shards.location}/{name}")
                             source = MemorySource(raw, f"{shards.location}/{name}/{item.entry['key']}")
-                            _, _, latents = _encode_sample(item.record, source, spec, vae)
+                            _, _, latents, i2v = _encode_sample(item.record, source, spec, vae, image_encoder)
                             members = {LATENTS_MEMBER: save({"latents": latents.to(storage).contiguous().cpu()}),
                                        TEXT_MEMBER: text_member(item.prompt)}
+                            if i2v is not None:  # the bytes of the folder cache's i2v/<id> file
+                                members[I2V_MEMBER] = save({k: v.to(storage).contiguous().cpu()
+                                                            for k, v in i2v.items()})
                             entries[rid] = {**item.entry, "latent_shape": list(latents.shape),
                                             "sha256": {m: hashlib.sha256(b).hexdigest() for m, b in members.items()}}
                         yield {"__key__": item.entry["key"], **members}

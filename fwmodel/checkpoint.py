@@ -90,14 +90,23 @@ def save_trainable(
     leaves a half checkpoint under the final name. `extra` (JSON-serialisable) goes into the sidecar.
     """
     check_stage(stage)
+    names = trainable_parameter_names(model, stage)
+    params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().contiguous().cpu() for name in names}
+    return write_checkpoint(tensors, path, model.config, stage, step, extra)
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path, config, stage: int,
+                     step: Optional[int] = None, extra: Optional[dict] = None) -> Path:
+    """Write `tensors` (the Stage-`stage` key set of a model of `config`, a ModelConfig) as our checkpoint
+    `path` + sidecar, atomically. `save_trainable` uses it; so does `fwmodel convert-release`, which
+    has the tensors but no model."""
+    check_stage(stage)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    names = trainable_parameter_names(model, stage)
-    params = dict(model.named_parameters())
-    tensors = {name: params[name].detach().contiguous().cpu() for name in names}
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
 
     header = {
         "format": FORMAT,
@@ -263,7 +272,7 @@ def load_trainable(model: nn.Module, path: str | Path, stage: int, verify_hash: 
             "build the model with the preset the checkpoint was trained with."
         )
     _check_dtypes(path, tensors, params)
-    _check_finite(path, tensors)
+    check_finite(path, tensors)
 
     with torch.no_grad():
         for k, t in tensors.items():
@@ -292,7 +301,7 @@ def _check_dtypes(path: Path, tensors: dict[str, torch.Tensor], params: dict[str
         )
 
 
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse a tensor holding NaN or Inf (a diverged run or a damaged file)."""
     for name, tensor in tensors.items():
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):

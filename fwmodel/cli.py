@@ -169,7 +169,8 @@ def train(
     ),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", envvar="STAGE1_CHECKPOINT",
-        help="Stage 2: the Stage-1 checkpoint to start from (or env STAGE1_CHECKPOINT).",
+        help="Stage 2: the Stage-1 checkpoint to start from (or env STAGE1_CHECKPOINT). Or the released FantasyWorld "
+        "weights (release-layout .safetensors, or `fwmodel convert-release` of model.pth; --preset wan2.1-i2v-14b).",
     ),
     weights: Optional[str] = typer.Option(None, "--weights", help="Wan2.1 weights; sets model.wan_weights."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Model preset; sets model.preset."),
@@ -254,6 +255,12 @@ def cache(
         ..., "--text-encoder", help="UMT5: the Wan2.1 diffusers repository or its text_encoder/ folder; "
         "`random-tiny`: a tiny random UMT5 as wide as the recipe's preset (tests and demos, marked random_init)."
     ),
+    image_encoder: Optional[Path] = typer.Option(
+        None, "--image-encoder", help="Image-to-video presets: the CLIP image encoder (a Wan2.1 I2V diffusers "
+        "repository or its image_encoder/ folder; `random-tiny`: a tiny random CLIP as wide as the preset's "
+        "image_dim, 16 for a text-to-video preset). Also caches each sample's first-frame condition latent and "
+        "CLIP image tokens."
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="Take frames, size, stride, window, split from this training recipe (a TOML file or a "
         "packaged name, e.g. tiny-stage1)."
@@ -281,6 +288,8 @@ def cache(
     provenance; training uses them automatically and then loads neither encoder. Re-running adds
     missing or changed samples only. `--vae random-tiny --text-encoder random-tiny` caches with tiny
     random encoders (no download) for the tiny recipes; the cache is marked random_init.
+    `--image-encoder PATH` (image-to-video presets) also caches each sample's first-frame condition
+    latent and CLIP image tokens (docs/TRAINING.md, "Image-to-video (I2V) presets").
     On shards (SHARDS/shards.json) the cache is WebDataset tar shards named and keyed like the data
     shards, with cache-shards.json (sha256 per shard and per entry), in SHARDS/.fwmodel_cache/<spec>/;
     `fwmodel train --data SHARDS` streams them beside the data shards.
@@ -306,7 +315,8 @@ def cache(
         if dtype not in ("float32", "bfloat16"):
             fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
         opts = CacheOptions(dataset=dataset, vae=vae, text_encoder=text_encoder, data=cfg.data, captions=captions,
-                            device=device, encoder_dtype=dtype, text_dim=get_preset(cfg.model.preset).wan.text_dim)
+                            device=device, encoder_dtype=dtype, text_dim=get_preset(cfg.model.preset).wan.text_dim,
+                            image_encoder=image_encoder, image_dim=get_preset(cfg.model.preset).wan.image_dim or 16)
 
         meter = StepProgress("caching", 0, "sample", choose_mode(quiet), echo=typer.echo)
         try:
@@ -316,7 +326,7 @@ def cache(
     except user_errors as err:
         fail(str(err))
     typer.echo(f"latent cache ready: {directory} ({cache_summary(meter)})")  # also with --quiet: the one line
-    if is_random_encoder(vae) or is_random_encoder(text_encoder):
+    if is_random_encoder(vae) or is_random_encoder(text_encoder) or is_random_encoder(image_encoder):
         typer.echo("warning: made with randomly initialised encoders (marked random_init in cache.json): the latents "
                    "and text embeddings mean nothing; for tests and demos only (training refuses it unless "
                    "`fwmodel train ... --allow-random-init`, or data.allow_random_init_labels = true)", err=True)
@@ -338,10 +348,13 @@ def bench(
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (known GPUs built in)."),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip the FLOP count (and MFU)."),
     format: str = typer.Option("table", "--format", help="table or json."),
+    speed: list[str] = typer.Option([], "--speed", help="A [speed] flag KEY=VALUE (repeatable), e.g. --speed "
+                                    "attention_backend=flash --speed compile=blocks; docs/TRAINING.md \"Speed flags\"."),
 ) -> None:
     """Time real training steps with synthetic inputs: step time, tokens/s, TFLOP/s, MFU, peak memory."""
     from fwmodel.bench import render, run_bench
     from fwmodel.config import PRESET_NAMES
+    from fwmodel.train_config import ConfigError, parse_speed
 
     if preset not in PRESET_NAMES:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
@@ -350,8 +363,8 @@ def bench(
     try:
         result = run_bench(preset, stage, batch_size, frames, height, width, steps, warmup, not no_checkpointing,
                            mixed_precision, device, peak_tflops, not no_flops,
-                           echo=(lambda s: None) if format == "json" else typer.echo)
-    except ValueError as err:
+                           echo=(lambda s: None) if format == "json" else typer.echo, speed=parse_speed(speed))
+    except (ValueError, ConfigError) as err:
         fail(str(err))
     typer.echo(result.model_dump_json(indent=2) if format == "json" else render(result))
 
@@ -464,6 +477,35 @@ def publish_cmd(
         typer.echo(f"uploaded {', '.join(res.files)} to {res.url}")
 
 
+@app.command("convert-release")
+def convert_release_cmd(
+    src: Path = typer.Argument(..., help="to ours: the release's model.pth (or a release-layout .safetensors); "
+                               "to release: our Stage-2 checkpoint of a release-config model."),
+    out: Path = typer.Argument(..., help="to ours: OUT.safetensors (+ .json sidecar); to release: .safetensors or .pth."),
+    to: str = typer.Option("ours", "--to", help="ours (our checkpoint format) or release (the release's layout)."),
+    preset: str = typer.Option("wan2.1-i2v-14b", "--preset", help="The I2V preset the weights are for."),
+    wan_weights: Optional[str] = typer.Option(
+        None, "--wan-weights", help="to ours: the Wan2.1-I2V-14B weights, recorded as the model.wan_weights that "
+        "`fwmodel generate` then uses."),
+) -> None:
+    """Convert the released FantasyWorld weights (acvlab/FantasyWorld-Wan2.1-I2V-14B-480P model.pth) to our
+    checkpoint format, or back (fwmodel.release; docs/MODEL.md).
+
+    The output checkpoint holds geometry + interaction (Stage 2), float32, built with the release
+    switches, and its sidecar says where it came from; use it with `fwmodel generate --checkpoint` or
+    `fwmodel train --init-from`. This is the only command that opens a pickle (.pth): with
+    torch.load(weights_only=True, mmap=True), tensors only, no code. Keys that do not map are named.
+    Exit 2: a file or key that cannot be converted.
+    """
+    from fwmodel.release import ReleaseError, convert_release
+
+    try:
+        written = convert_release(src, out, to=to, preset=preset, wan_weights=wan_weights)
+    except _user_errors() + (ReleaseError,) as err:
+        fail(str(err))
+    typer.echo(f"wrote {written}" + (f" and {written.with_suffix('.json').name}" if to == "ours" else ""))
+
+
 @app.command()
 def recipes() -> None:
     """List the packaged training recipes, one line each.
@@ -475,6 +517,68 @@ def recipes() -> None:
     from fwmodel.recipes import RECIPES
 
     typer.echo("\n".join(listing(RECIPES, "fwmodel train --config NAME")))
+
+
+@app.command("memory")
+def memory_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Training recipe: a TOML file or a packaged name "
+                                "(`fwmodel recipes`), as `fwmodel train --config`."),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="Number of GPUs (ranks) of the run."),
+    limit_gb: Optional[float] = typer.Option(
+        None, "--limit-gb", help="Memory per GPU in GiB (default: memory.limit_gb of the config, else this "
+        "machine's first GPU; none: no verdict)."),
+    parallel: Optional[list[str]] = typer.Option(
+        None, "--parallel", help="ddp or fsdp2 (default train.parallel); repeat to compare side by side."),
+    online_encoders: Optional[bool] = typer.Option(
+        None, "--online-encoders/--cached", help="Without / with a latent cache (default: --cached unless "
+        "data.cache = \"off\"): online, the VAE, UMT5 (and CLIP for I2V) are held in memory."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="Any config value, e.g. --set data.num_frames=49 (repeatable)."),
+    format: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Estimate memory per GPU of a training config, before anything is loaded (no weights, no data).
+
+    The same estimate `fwmodel train` checks at its preflight (fwmodel/memory.py), per part (frozen
+    weights, trainable state, activations, encoders, overhead) against 95 % of the limit. Exit codes:
+    0 the (first) strategy fits or no limit is known, 1 it does not fit, 2 bad input.
+    """
+    import json
+
+    from fwmodel.memory import GIB, PARALLEL, config_estimate, device_capacity, render_comparison
+    from fwmodel.train_config import load_config
+
+    strategies = parallel or []
+    if any(p not in PARALLEL for p in strategies) or format not in ("table", "json"):
+        fail(f"--parallel must be {' or '.join(PARALLEL)} and --format table or json")
+    try:
+        cfg = load_config(config, sets=set_)
+        estimates = {p: config_estimate(cfg, world_size, p, online_encoders)
+                     for p in (strategies or [cfg.train.parallel])}
+    except _user_errors() as err:
+        fail(str(err))
+    for est in estimates.values():
+        if limit_gb is not None:
+            est.capacity, est.device = limit_gb * GIB, "--limit-gb"
+        elif est.capacity is None:
+            import torch
+
+            if torch.cuda.is_available():
+                est.capacity, est.device = device_capacity(torch.device("cuda", 0))
+    first = next(iter(estimates.values()))
+    if format == "json":
+        typer.echo(json.dumps({"config": str(config), "preset": cfg.model.preset, "stage": cfg.train.stage,
+                               "world_size": world_size, "batch_size": cfg.train.batch_size,
+                               "frames": cfg.data.num_frames, "height": cfg.data.height, "width": cfg.data.width,
+                               "estimates": {p: e.summary() for p, e in estimates.items()}}, indent=2))
+    else:
+        typer.echo(f"memory estimate per GPU: {cfg.model.preset}, Stage {cfg.train.stage}, {cfg.data.num_frames} x "
+                   f"{cfg.data.height} x {cfg.data.width}, batch {cfg.train.batch_size} per GPU, {world_size} GPU(s)"
+                   + (f", limit {first.capacity / GIB:.1f} GiB ({first.device})" if first.capacity else ""))
+        typer.echo(render_comparison({f"{p} x {world_size}": e for p, e in estimates.items()}))
+        for note in dict.fromkeys(n for e in estimates.values() for n in e.notes):
+            typer.echo(f"  note: {note}")
+    if first.fits() is False:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -553,12 +657,13 @@ def eval_(
 
 
 def _session_options(checkpoint: Path, vae: Optional[str], text_encoder: Optional[str], wan_weights: Optional[str],
-                     device: str, dtype: Optional[str], offload: bool, vae_tiling: bool, memory_check: bool):
+                     device: str, dtype: Optional[str], offload: bool, vae_tiling: bool, memory_check: bool,
+                     image_encoder: Optional[str] = None):
     from fwmodel.generate import SessionOptions
 
     return SessionOptions(checkpoint=checkpoint, vae=vae, text_encoder=text_encoder, wan_weights=wan_weights,
                           device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling,
-                          memory_check=memory_check)
+                          memory_check=memory_check, image_encoder=image_encoder)
 
 
 def _run_inference(fn, opts, ctx: typer.Context, quiet: bool):
@@ -579,11 +684,15 @@ def _run_inference(fn, opts, ctx: typer.Context, quiet: bool):
         fail(str(err) if not err.strerror else f"{err.filename or ''}: {err.strerror}".lstrip(": "))
 
 
-_CKPT_HELP = "A step-N.safetensors checkpoint of `fwmodel train` (with its .json sidecar)."
+_CKPT_HELP = ("A step-N.safetensors checkpoint of `fwmodel train` (with its .json sidecar), or the released "
+              "FantasyWorld weights (release-layout .safetensors, or `fwmodel convert-release` of model.pth).")
 _VAE_HELP = ("Wan VAE: the Wan2.1 diffusers repository or its vae/ folder, or random-tiny (tests); default: the run's "
              "model.vae or the encoder its latent cache recorded.")
 _TEXT_HELP = ("UMT5 text encoder: the Wan2.1 repository or its text_encoder/ folder, or random-tiny (tests); default: "
               "the run's model.text_encoder or the one its latent cache recorded.")
+_IMAGE_ENCODER_HELP = ("I2V checkpoints: the CLIP image encoder, the Wan2.1 I2V diffusers repository or its "
+                       "image_encoder/ folder, or random-tiny (tests); default: the run's, or the --vae repository "
+                       "when it holds image_encoder/.")
 _WAN_HELP = "Wan2.1 backbone weights; default: the ones the checkpoint's sidecar names (the run's model.wan_weights)."
 _DTYPE_HELP = "Weights and compute: bf16 or fp32. Default bf16 on a GPU, fp32 on the CPU."
 _OFFLOAD_HELP = ("Keep the text encoder, the model and the VAE on the CPU except while each runs (model CPU offload: "
@@ -604,8 +713,9 @@ def generate(
     batch: Optional[Path] = typer.Option(
         None, "--batch", help="Many clips with one model load: a text file with one prompt per line, or a .jsonl of "
         "{\"prompt\", \"negative_prompt\", \"image\", \"trajectory\", \"seed\"} objects (missing keys: the options)."),
-    image: Optional[str] = typer.Option(None, "--image", help="First frame (image-to-video); only for an I2V "
-                                        "checkpoint (the tiny and T2V presets refuse it)."),
+    image: Optional[str] = typer.Option(None, "--image", help="First frame (image-to-video: a PNG or JPEG, resized "
+                                        "to cover the clip and centre-cropped); needed by an I2V checkpoint, refused "
+                                        "by a T2V one."),
     trajectory: str = typer.Option(
         "orbit", "--trajectory", "-t", help="Camera path: orbit, forward, pan, zoom, static; a camera file "
         "(camera_params/<id>.json, or a RealEstate10K 19-number .txt); or DATASET:ID (a sample's cameras)."),
@@ -632,6 +742,7 @@ def generate(
                                 "(FlowMatchEulerDiscreteScheduler)."),
     vae: Optional[str] = typer.Option(None, "--vae", help=_VAE_HELP),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=_TEXT_HELP),
+    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help=_IMAGE_ENCODER_HELP),
     wan_weights: Optional[str] = typer.Option(None, "--wan-weights", help=_WAN_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP),
@@ -659,7 +770,7 @@ def generate(
         fail(str(err))
     opts = GenerateOptions(
         session=_session_options(checkpoint, vae, text_encoder, wan_weights, device, dtype, offload, vae_tiling,
-                                 memory_check),
+                                 memory_check, image_encoder),
         out=out, frames=frames, height=height, width=width, steps=steps, guidance=guidance, sampler=sampler,
         trajectory_scale=trajectory_scale, trajectory_speed=trajectory_speed, fov=fov, points=points,
         requests=requests)
@@ -685,6 +796,7 @@ def reconstruct(
     prompt: str = typer.Option("", "--prompt", help="Text condition (default empty)."),
     vae: Optional[str] = typer.Option(None, "--vae", help=_VAE_HELP),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help=_TEXT_HELP),
+    image_encoder: Optional[str] = typer.Option(None, "--image-encoder", help=_IMAGE_ENCODER_HELP),
     wan_weights: Optional[str] = typer.Option(None, "--wan-weights", help=_WAN_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP),
@@ -703,7 +815,7 @@ def reconstruct(
 
     opts = ReconstructOptions(
         session=_session_options(checkpoint, vae, text_encoder, wan_weights, device, dtype, offload, vae_tiling,
-                                 memory_check),
+                                 memory_check, image_encoder),
         videos=list(videos), out=out, frames=frames, height=height, width=width, stride=stride, start=start,
         noise=noise, prompt=prompt, seed=seed, points=points)
     meta = _run_inference(run_reconstruct, opts, ctx, quiet)

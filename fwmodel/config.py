@@ -193,13 +193,17 @@ def _tiny() -> ModelConfig:
 
 def _tiny_i2v() -> ModelConfig:
     """`tiny` shaped like `wan2.1-i2v-14b`: first-frame condition (36 input channels), CLIP image tokens of
-    width 16 with their own key/value projections, and the camera-token projector."""
+    width 16 with their own key/value projections, the camera-token projector, and the release's adapter
+    proportions (fwmodel.release maps the official weights onto it)."""
     tiny = _tiny()
     return tiny.model_copy(update={
         "name": "tiny-i2v",
         "description": "CPU tests: the tiny preset as an image-to-video model (36 input channels, CLIP image tokens).",
         "wan": tiny.wan.model_copy(update={"in_channels": 36, "image_dim": 16, "added_kv_proj_dim": tiny.wan.dim}),
         "geometry": tiny.geometry.model_copy(update={"camera_token_projector": True}),
+        # camera context 8: the release sizes the adapters' key MLP min(D, ctx) // 2, ours D // adapter_reduction;
+        # both are 4 here (as both are 1024 for the 14B), so the release key map loads a tiny official file
+        "interaction": tiny.interaction.model_copy(update={"camera_context_dim": 8}),
     })
 
 

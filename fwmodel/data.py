@@ -17,6 +17,9 @@ returns a dict of tensors (and the sample id):
     latents   [16, S, H/8, W/8]   Wan VAE latents (from the cache), or
     video     [3, T, H, W]        RGB in [-1, 1] when there is no cache (the trainer encodes it)
     text      [512, text_dim]     UMT5 embedding (from the cache), or `prompt` (a string) without one
+    condition [20, S, H/8, W/8]   image-to-video presets with a cache: mask + first-frame latent
+    image_embeds [N, image_dim]   ... and the first frame's CLIP tokens (fwmodel.i2v; without a cache
+                                  the trainer encodes both from `video`)
     depth     [T, H, W]           z-depth / s,            depth_valid  [T, H, W] bool
     points    [T, H, W, 3]        points in camera 0 / s, points_valid [T, H, W] bool
     w2c       [T, 4, 4]           relative to frame 0, translation / s
@@ -489,6 +492,8 @@ def make_sample(cfg: DataConfig, record: SampleRecord, source, index: int, seed:
         sample.update(load_geometry(source, record, indices, plan))
         if cache is not None:
             sample["latents"], sample["text"] = cache.load(record.id)
+            if cache.i2v:  # an image-to-video run (LatentCache.check_i2v passed)
+                sample["condition"], sample["image_embeds"] = cache.load_i2v(record.id)
         else:
             sample["video"] = load_frames(source, record, indices, plan)
             sample["text"] = cfg.prompt

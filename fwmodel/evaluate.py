@@ -276,6 +276,7 @@ def eval_dataset(loaded, opts: EvalOptions):
     from fwmodel.cache import CacheError, LatentCache
     from fwmodel.config import get_preset
     from fwmodel.data import DataError, TrainingDataset, select_samples
+    from fwmodel.i2v import is_i2v
     from fwmodel.inference import load_encoders
 
     cfg = _selection_config(loaded, opts)
@@ -291,18 +292,44 @@ def eval_dataset(loaded, opts: EvalOptions):
                         f"({plural(len(in_split), 'sample')} in that split, {plural(len(meta.samples), 'sample')} in "
                         "the dataset; a sample needs status ok and enough frames for the run's clip); choose another "
                         "--split (val, test, train, all)") from None
-    text_dim = get_preset(loaded.config.model.preset).wan.text_dim
+    preset = get_preset(loaded.config.model.preset)
+    text_dim, i2v = preset.wan.text_dim, is_i2v(preset)
     cache = None
     if cfg.cache != "off":
         try:
             cache = LatentCache.find(cfg)
             if cache is not None:
                 cache.check_covers(records, text_dim)
+                if i2v:  # an image-to-video model also needs the cached first-frame condition and image tokens
+                    cache.check_i2v(records, preset.wan.image_dim)
         except CacheError:
             cache = None
     dataset = TrainingDataset(cfg, text_dim=text_dim, cache=cache)
     encoders = None if cache is not None else load_encoders(loaded)
+    if encoders is not None and i2v:
+        encoders = (*encoders, eval_image_encoder(loaded, preset))
     return dataset, encoders
+
+
+def eval_image_encoder(loaded, preset):
+    """The CLIP image encoder of an I2V checkpoint evaluated without a latent cache: the run's
+    `model.image_encoder`, else the one its latent cache recorded (EvalError when neither is known)."""
+    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+    from fwmodel.inference import _cache_encoder
+
+    path = getattr(loaded.config.model, "image_encoder", None) or _cache_encoder(loaded.config, "image_encoder")
+    if path is None:
+        raise EvalError(f"checkpoint {loaded.path} is an image-to-video model ({preset.name}) and the dataset has no "
+                        "latent cache with its first-frame condition: cache it with `fwmodel cache DATASET ... "
+                        "--image-encoder PATH` or set model.image_encoder in the run's config")
+    try:
+        encoder = ImageEncoder(str(path), loaded.device, image_dim=preset.wan.image_dim)
+    except ImageEncoderError as err:
+        raise EvalError(str(err)) from None
+    if encoder.dim != preset.wan.image_dim:
+        raise EvalError(f"image encoder {path}: its tokens are {encoder.dim} wide, preset {preset.name} takes "
+                        f"{preset.wan.image_dim}")
+    return encoder
 
 
 def evaluate_checkpoint(path: Path, opts: EvalOptions, progress: Optional[Callable[[str], None]] = None):
@@ -315,13 +342,23 @@ def evaluate_checkpoint(path: Path, opts: EvalOptions, progress: Optional[Callab
     per_sample, ids = [], []
     for index, record in enumerate(dataset.records):
         item = dataset[(index, mix_seed(opts.seed, record.id, 1))]
+        condition = image_embeds = None  # image-to-video models: the sample's first-frame condition (fwmodel.i2v)
         if encoders is not None:
             latents = encoders[0](item["video"][None])[0].cpu()
             text = encoders[1]([item["text"]])[0].cpu()
+            if len(encoders) == 3:
+                from fwmodel.cache import encode_i2v
+                from fwmodel.i2v import with_mask
+
+                part = encode_i2v(item["video"][None], encoders[0], encoders[2])
+                condition, image_embeds = with_mask(part["condition_latents"]), part["image_embeds"]
         else:
             latents, text = item["latents"], item["text"]
+            if "condition" in item:
+                condition, image_embeds = item["condition"][None], item["image_embeds"][None]
         noisy = noisy_latents(latents, opts.noise, mix_seed(opts.seed, record.id, 2))
-        out = predict(loaded, noisy[None], text[None], torch.tensor([1000.0 * opts.noise]))
+        out = predict(loaded, noisy[None], text[None], torch.tensor([1000.0 * opts.noise]),
+                      condition=condition, image_embeds=image_embeds)
         pred = {"depth": out.depth[0].cpu().numpy(), "points": out.points[0].cpu().numpy(),
                 "w2c": out.w2c[0].cpu().double().numpy()}
         if pred["depth"].shape != tuple(item["depth"].shape):

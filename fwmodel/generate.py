@@ -3,9 +3,15 @@
 One generation (B = 1 clip of T = 4k+1 frames at H x W; S = (T-1)/4 + 1 latent frames of H/8 x W/8):
 
     prompt, negative prompt -> UMT5 (fwmodel.cache.TextEncoder)            text [2, 512, D]
-    trajectory (fwmodel.trajectories) -> Plucker rays (fwmodel.data.plucker_for_batch, as in training)
+    trajectory (fwmodel.trajectories) -> Plucker rays (FantasyWorldModel.camera_rays, as in training)
                                                                           plucker [2, T, H, W, 6]
     noise ~ N(0, 1) from a CPU generator seeded with `seed`               latents [1, 16, S, H/8, W/8]
+    I2V checkpoints only (fwmodel.i2v): the --image file, resized to cover H x W and centre-cropped as
+    training crops (fwmodel.data.ResizePlan), 8-bit, in [-1, 1]                first frame [1, 3, H, W]
+      -> fwmodel.i2v.first_frame_condition (mask + Wan VAE latent)         condition [2, 20, S, H/8, W/8]
+      -> fwmodel.i2v.ImageEncoder (CLIP, penultimate hidden states)        image tokens [2, N, image_dim]
+      the same condition and image tokens for the conditional and the negative pass (as diffusers'
+      WanImageToVideoPipeline); the condition is concatenated to the latents (36 input channels)
     for each timestep t of diffusers' scheduler for Wan (UniPCMultistepScheduler, flow_prediction,
     flow sigmas shifted by the run's diffusion.shift; or FlowMatchEulerDiscreteScheduler):
         one forward of the conditional and negative prompts as a batch of 2 (fwmodel.inference.predict,
@@ -19,9 +25,9 @@ clip), depth/<id>.npz, points/<id>.npz (the point head's map, moved into frame 0
 camera_params/<id>.json|txt (the PREDICTED cameras, relative to frame 0), requested_cameras/<id>.json
 (the trajectory asked for, same CameraFile format) and metadata.json. Units: the model's normalised
 frame (scale "normalized"). Provenance (checkpoint, sha256, stage, step, prompt, negative prompt,
-seed, steps, guidance, sampler, trajectory, encoders) is in each record's `provenance.options` and
-`provenance.models`. Same seed and inputs -> the same bytes (on a CPU; metadata.json's `created`
-and `command` excepted, as for `fwdata build`).
+seed, steps, guidance, sampler, trajectory, encoders, the --image path and its sha256) is in each
+record's `provenance.options` and `provenance.models`. Same seed and inputs -> the same bytes (on a CPU;
+metadata.json's `created` and `command` excepted, as for `fwdata build`).
 
 `fwmodel.reconstruct` shares the session (`open_session`: checkpoint, dtype, offload, encoders,
 memory preflight) and the writers (`prediction_sample`, `write_outputs_metadata`) defined here.
@@ -41,6 +47,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from fwmodel.i2v import RANDOM_TINY
 from fwmodel.trajectories import Trajectory, TrajectoryError, resolve_trajectory
 
 #: frame rate of generated clips (Wan2.1 generates 16 fps video)
@@ -49,6 +56,8 @@ SAMPLERS = ("unipc", "euler")
 #: what points/<id>.npz holds: the depth unprojected with the predicted cameras, or the point head's map
 POINT_SOURCES = ("depth", "head")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: the Wan2.1 I2V CLIP ViT-H/14 vision tower in bf16 (632 M parameters)
+CLIP_VIT_H_BYTES = 1.27e9
 
 
 class GenerateError(ValueError):
@@ -71,6 +80,7 @@ class SessionOptions:
     offload: bool = False  # keep each of text encoder / model / VAE on the CPU except while it runs
     vae_tiling: bool = True  # decode / encode the video in tiles when the VAE supports it
     memory_check: bool = True  # refuse (one line) when the estimate exceeds the GPU
+    image_encoder: Optional[str] = None  # I2V: the CLIP image encoder (Wan I2V repository, image_encoder/, random-tiny)
 
 
 @dataclass
@@ -84,6 +94,12 @@ class Session:
     offload: bool
     checkpoint_sha256: str
     memory_line: str
+    image: Optional[object] = None  # fwmodel.i2v.ImageEncoder of an I2V checkpoint; None for T2V
+
+    @property
+    def i2v(self) -> bool:
+        """True for an image-to-video checkpoint (it needs a first frame: `i2v_inputs`)."""
+        return self.image is not None
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +144,18 @@ class Session:
         with self.running(self.loaded.model):
             yield
 
+    def i2v_inputs(self, first_frame: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """First frame [1, 3, H, W] in [-1, 1] -> (I2V condition [1, 20, S, H/8, W/8], CLIP image tokens
+        [1, N, image_dim]), both float32 on the execution device (fwmodel.i2v)."""
+        from fwmodel.i2v import first_frame_condition
+
+        first_frame = first_frame.to(self.device)
+        with self.running(self.vae.vae):
+            condition = first_frame_condition(self.vae, first_frame, num_frames).float()
+        with self.running(self.image.model):
+            tokens = self.image(first_frame).to(self.device)
+        return condition, tokens
+
     def models(self) -> list:
         """The models that made an output (ModelInfo), random ones marked random_init."""
         from fwdata.dataset.contract import ModelInfo
@@ -135,7 +163,7 @@ class Session:
         cfg, header = self.loaded.config, self.loaded.header
         wan = str(cfg.model.wan_weights)
         vae, text = self.vae.provenance(), self.text.provenance()
-        return [
+        models = [
             ModelInfo(role="geometry, cameras and camera control",
                       name=f"FantasyWorld {header.get('preset')} Stage {self.loaded.stage} step {self.loaded.step}: "
                            f"{self.loaded.path}", revision=f"sha256:{self.checkpoint_sha256}"),
@@ -143,6 +171,11 @@ class Session:
             ModelInfo(role="vae", name=str(vae.get("path")), random_init=bool(vae.get("random_init"))),
             ModelInfo(role="text encoder", name=str(text.get("path")), random_init=bool(text.get("random_init"))),
         ]
+        if self.image is not None:
+            image = self.image.provenance()
+            models.append(ModelInfo(role="image encoder (CLIP, I2V first frame)", name=str(image["path"]),
+                                    random_init=bool(image["random_init"])))
+        return models
 
     def provenance(self) -> dict:
         """The checkpoint and encoders, for each record's provenance.options."""
@@ -151,6 +184,8 @@ class Session:
         info["dtype"] = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         info["vae"] = str(self.vae.provenance().get("path"))
         info["text_encoder"] = str(self.text.provenance().get("path"))
+        if self.image is not None:
+            info["image_encoder"] = str(self.image.provenance()["path"])
         return info
 
 
@@ -180,8 +215,10 @@ def open_session(opts: SessionOptions, frames: int, height: int, width: int, bat
                  require_stage2: bool = False, what: str = "generate",
                  echo: Callable[[str], None] = lambda s: None) -> Session:
     """Load the checkpoint (the training checks refuse a damaged or mismatched file), after the memory
-    preflight; then the VAE and text encoder. Raises CheckpointError, InferenceError, GenerateError,
-    MemoryPreflightError (one line each)."""
+    preflight; then the VAE and text encoder, and for an I2V checkpoint the CLIP image encoder
+    (`image_encoder_path`). Raises CheckpointError, InferenceError, GenerateError, MemoryPreflightError
+    (one line each)."""
+    from fwmodel.i2v import is_i2v
     from fwmodel.inference import load_encoders, load_model, resolve_device, run_config
 
     path = Path(opts.checkpoint)
@@ -196,13 +233,12 @@ def open_session(opts: SessionOptions, frames: int, height: int, width: int, bat
         from fwmodel.config import get_preset
 
         cfg = run_config(path, header)
-        if get_preset(cfg.model.preset).wan.in_channels != 16:
-            raise GenerateError(f"checkpoint {path} is an image-to-video model ({cfg.model.preset}): {what} with it "
-                                "needs the first-frame condition and the CLIP image encoder, which are not supported "
-                                "yet")
+        image_large = False
+        if is_i2v(get_preset(cfg.model.preset)):  # the image encoder is found before anything large is loaded
+            image_large = image_encoder_path(opts, cfg, path) != RANDOM_TINY
         est = inference_memory(get_preset(cfg.model.preset), int(header.get("stage", 2)), frames, height, width, batch,
                                dtype, opts.offload, text_encoder_large=not _is_tiny(opts.text_encoder, cfg),
-                               device=device)
+                               device=device, image_encoder_large=image_large)
         memory_line = preflight_line(est)
         echo(memory_line)
         if opts.memory_check:
@@ -219,11 +255,52 @@ def open_session(opts: SessionOptions, frames: int, height: int, width: int, bat
     vae, text = load_encoders(loaded, opts.vae, opts.text_encoder, dtype=encoder_dtype)
     if opts.vae_tiling and hasattr(vae.vae, "enable_tiling"):
         vae.vae.enable_tiling()
+    image = None
+    if is_i2v(loaded.model.config):
+        image = load_image_encoder(image_encoder_path(opts, loaded.config, path), loaded.device, encoder_dtype,
+                                   loaded.model.config)
     if opts.offload:
-        for module in (loaded.model, vae.vae, text.model):
+        for module in (loaded.model, vae.vae, text.model, *([image.model] if image is not None else [])):
             module.to("cpu")
     sha = _checkpoint_sha256(path)
-    return Session(loaded, vae, text, dtype, opts.offload, sha, memory_line)
+    return Session(loaded, vae, text, dtype, opts.offload, sha, memory_line, image)
+
+
+def image_encoder_path(opts: SessionOptions, cfg, checkpoint: Path) -> str:
+    """Where the CLIP image encoder of an I2V checkpoint is: --image-encoder; else the run's
+    `model.image_encoder` (when its config has one) or the one its latent cache recorded; else the Wan I2V
+    repository that --vae (or the run's model.vae) names, when it holds image_encoder/. GenerateError
+    (one line) when none is known."""
+    from fwmodel.inference import _cache_encoder
+
+    given = (opts.image_encoder or getattr(cfg.model, "image_encoder", None)
+             or _cache_encoder(cfg, "image_encoder"))
+    if given is not None:
+        return str(given)
+    vae = opts.vae or cfg.model.vae
+    if vae is not None and str(vae) != RANDOM_TINY:
+        vae = Path(str(vae)).expanduser()
+        for root in (vae, vae.parent):  # the repository root, or its vae/ folder
+            if (root / "image_encoder" / "config.json").is_file():
+                return str(root)
+    raise GenerateError(f"checkpoint {checkpoint} is an image-to-video model ({cfg.model.preset}): pass "
+                        "--image-encoder (the Wan2.1 I2V repository root or its image_encoder/ folder, or "
+                        f"{RANDOM_TINY} for a tiny test run)")
+
+
+def load_image_encoder(path: str, device: torch.device, dtype: torch.dtype, model_config):
+    """fwmodel.i2v.ImageEncoder at `path`, checked against the model's image token width (GenerateError)."""
+    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+
+    try:
+        encoder = ImageEncoder(path, device, dtype, image_dim=model_config.wan.image_dim)
+    except ImageEncoderError as err:
+        raise GenerateError(str(err)) from None
+    if encoder.dim != model_config.wan.image_dim:
+        raise GenerateError(f"--image-encoder {path}: its tokens are {encoder.dim} wide, but preset "
+                            f"{model_config.name} takes image tokens of width {model_config.wan.image_dim} (the Wan2.1 "
+                            "I2V models use CLIP ViT-H/14, 1280)")
+    return encoder
 
 
 def _is_tiny(text_encoder: Optional[str], cfg) -> bool:
@@ -245,12 +322,14 @@ def _checkpoint_sha256(path: Path) -> str:
 
 
 def inference_memory(config, stage: int, frames: int, height: int, width: int, batch: int, dtype: torch.dtype,
-                     offload: bool, text_encoder_large: bool = True, device: Optional[torch.device] = None):
+                     offload: bool, text_encoder_large: bool = True, device: Optional[torch.device] = None,
+                     image_encoder_large: bool = True):
     """Estimated peak memory (fwmodel.memory.MemoryEstimate) of inference: no gradients, so the model's weights
     (backbone at `dtype`, our modules in fp32), one block's working set for `batch` clips (the constants of
     fwmodel.memory, measured for training, bound it from above), the DPT heads on one frame chunk, the
-    output maps, the Plucker rays, the text encoder and the VAE decode. With `offload` only the largest of
-    the three models is on the device at a time."""
+    output maps, the Plucker rays, the text encoder (and for I2V presets the CLIP image encoder: it runs
+    beside it) and the VAE decode. With `offload` only the largest of the three models is on the device at a
+    time."""
     from fwmodel import memory as mem
 
     n_backbone, _, n_stage2 = mem._parameter_totals(config.model_dump_json())
@@ -269,6 +348,8 @@ def inference_memory(config, stage: int, frames: int, height: int, width: int, b
         "outputs + Plucker rays": batch * pixels * (6 + 6) * 4,
     }
     text = {"text encoder": mem.UMT5_XXL_BYTES * (wb / 2) if text_encoder_large else 0.05e9}
+    if config.wan.image_dim is not None:
+        text["image encoder"] = CLIP_VIT_H_BYTES * (wb / 2) if image_encoder_large else 0.01e9
     vae = {"VAE decode": mem.VAE_BYTES * (wb / 2) + mem.VAE_ENCODE_BYTES_PER_PIXEL * pixels * wb / 2}
     est = mem.MemoryEstimate()
     if offload:
@@ -504,22 +585,70 @@ def make_scheduler(sampler: str, shift: float, num_train_timesteps: int):
     raise GenerateError(f"--sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
 
 
-def _check_image(request: Request, preset_config) -> None:
-    if request.image is None:
-        return
-    if preset_config.wan.in_channels == 16:
+def _check_image(request: Request, preset_config, n: int = 1, of: int = 1) -> None:
+    """--image only with an image-to-video (I2V) checkpoint, and an I2V checkpoint only with one (GenerateError)."""
+    from fwmodel.i2v import is_i2v
+
+    if request.image is not None and not is_i2v(preset_config):
         raise GenerateError(f"--image needs an image-to-video (I2V) checkpoint; preset {preset_config.name} is "
                             "text-to-video (no first-frame conditioning)")
-    raise GenerateError(f"--image: image-to-video generation ({preset_config.name}) is not supported yet (it needs "
-                        "the CLIP image encoder); generate from the prompt alone")
+    if request.image is None and is_i2v(preset_config):
+        where = f" (request {n} of {of} has none: give --image or an \"image\" on each --batch line)" if of > 1 else ""
+        raise GenerateError(f"preset {preset_config.name} is an image-to-video (I2V) model: give the first frame with "
+                            f"--image PATH (a PNG or JPEG){where}")
 
 
-def sample_id_for(request: Request, traj: Trajectory, opts: GenerateOptions, sha: str, T: int, H: int, W: int) -> str:
-    """A stable id: the same checkpoint, prompt, seed, trajectory and settings give the same id."""
+@dataclass
+class FirstFrame:
+    """An I2V first frame read from an image file (`read_first_frame`)."""
+
+    path: str
+    sha256: str  # of the file's bytes
+    source_hw: tuple[int, int]  # the image's size before the resize and crop
+    pixels: torch.Tensor  # [1, 3, H, W] float32 in [-1, 1], 8-bit levels
+
+
+def cover_crop_uint8(frames: np.ndarray, height: int, width: int):
+    """Frames [N, Hs, Ws, 3] uint8 -> ([N, H, W, 3] uint8, the ResizePlan): resized to cover H x W (bilinear,
+    antialiased) and centre-cropped as training crops its clips (fwmodel.data.ResizePlan), rounded to 8 bits."""
+    from fwmodel.data import ResizePlan
+
+    plan = ResizePlan.cover(tuple(frames.shape[1:3]), (height, width))
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = plan.apply(x, "bilinear").clamp(0, 255).round().to(torch.uint8)
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), plan
+
+
+def read_first_frame(path, height: int, width: int) -> FirstFrame:
+    """--image: an image file PIL reads (PNG, JPEG, ...; EXIF orientation applied, converted to RGB), resized and
+    cropped to H x W by `cover_crop_uint8` (as a clip frame is), in [-1, 1]. GenerateError (one line) when the
+    file is missing or not an image."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        why = getattr(err, "strerror", None) or str(err).split("\n")[0]
+        raise GenerateError(f"--image {path}: cannot be read as an image ({why})") from None
+    frame, _ = cover_crop_uint8(rgb[None], height, width)
+    pixels = torch.from_numpy(frame).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return FirstFrame(str(path), hashlib.sha256(data).hexdigest(), tuple(rgb.shape[:2]), pixels)
+
+
+def sample_id_for(request: Request, traj: Trajectory, opts: GenerateOptions, sha: str, T: int, H: int, W: int,
+                  image_sha256: Optional[str] = None) -> str:
+    """A stable id: the same checkpoint, prompt, seed, trajectory, first-frame image (by content) and settings
+    give the same id."""
     from fwdata.dataset.contract import make_sample_id
 
     key = json.dumps({"checkpoint": sha, "prompt": request.prompt, "negative": request.negative_prompt,
-                      "seed": request.seed, "image": request.image, "steps": opts.steps, "guidance": opts.guidance,
+                      "seed": request.seed, "image": image_sha256 or request.image, "steps": opts.steps,
+                      "guidance": opts.guidance,
                       "sampler": opts.sampler, "w2c": np.round(traj.w2c, 9).tolist(),
                       "K": np.round(traj.K, 9).tolist()}, sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()
@@ -527,32 +656,45 @@ def sample_id_for(request: Request, traj: Trajectory, opts: GenerateOptions, sha
 
 
 @torch.no_grad()
-def sample_clip(session: Session, request: Request, traj: Trajectory, steps: int, guidance: float, sampler: str):
+def sample_clip(session: Session, request: Request, traj: Trajectory, steps: int, guidance: float, sampler: str,
+                first_frame: Optional[FirstFrame] = None):
     """Denoise one clip along `traj`. Returns (video [3, T, H, W] in [-1, 1], GeometryPrediction of the last step
-    (batch index 0 is the conditional pass), the sigma of that step)."""
-    from fwmodel.data import plucker_for_batch
+    (batch index 0 is the conditional pass), the sigma of that step). An I2V session conditions every step on
+    `first_frame` (default: `request.image` read at the clip's size)."""
     from fwmodel.inference import predict
 
     loaded, dev = session.loaded, session.device
     cfg = loaded.config
     T, H, W = traj.num_frames, traj.height, traj.width
+    condition = image_embeds = None
+    if session.i2v:
+        if first_frame is None:
+            _check_image(request, loaded.model.config)
+            first_frame = read_first_frame(request.image, H, W)
+        if tuple(first_frame.pixels.shape[-2:]) != (H, W):
+            raise GenerateError(f"the first frame is {tuple(first_frame.pixels.shape[-2:])}, the clip {(H, W)} (H, W)")
+        condition, image_embeds = session.i2v_inputs(first_frame.pixels, T)
     cfg_on = guidance > 1.0  # as WanPipeline: no negative pass when guidance <= 1
     prompts = [request.prompt, request.negative_prompt] if cfg_on else [request.prompt]
     text = session.encode_text(prompts)
     B = len(prompts)
     w2c = torch.from_numpy(traj.w2c).float()[None]
     K = torch.from_numpy(traj.K).float()[None]
-    plucker = plucker_for_batch(w2c, K, H, W).expand(B, -1, -1, -1, -1)
+    # the rays of the checkpoint's convention (plucker_intrinsics: the release's double scaling for its weights)
+    plucker = loaded.model.camera_rays(w2c, K, H, W).expand(B, -1, -1, -1, -1)
     S = (T - 1) // 4 + 1
     generator = torch.Generator(device="cpu").manual_seed(int(request.seed))
     latents = torch.randn((1, 16, S, H // 8, W // 8), generator=generator, dtype=torch.float32).to(dev)
     scheduler = make_scheduler(sampler, cfg.diffusion.shift, cfg.diffusion.num_train_timesteps)
     scheduler.set_timesteps(steps, device=dev)
     last, sigma = None, None
+    if condition is not None:  # the same condition and image tokens for both passes (WanImageToVideoPipeline)
+        condition, image_embeds = condition.expand(B, -1, -1, -1, -1), image_embeds.expand(B, -1, -1)
     with session.model_running():
         for i, t in enumerate(scheduler.timesteps):
             x = latents.expand(B, -1, -1, -1, -1)
-            pred = predict(loaded, x, text, t.expand(B).float(), plucker=plucker, video=True, amp=session.amp)
+            pred = predict(loaded, x, text, t.expand(B).float(), plucker=plucker, video=True, amp=session.amp,
+                           condition=condition, image_embeds=image_embeds)
             v = pred.video.to(dev)
             velocity = v[1:2] + guidance * (v[0:1] - v[1:2]) if cfg_on else v[0:1]
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
@@ -587,31 +729,35 @@ def generate(opts: GenerateOptions, command: str = "fwmodel generate",
         T = opts.frames or cfg.data.num_frames
         H = opts.height or cfg.data.height
         W = opts.width or cfg.data.width
-        for r in opts.requests:
-            _check_image(r, get_preset(header["preset"]))
+        for n, r in enumerate(opts.requests, start=1):
+            _check_image(r, get_preset(header["preset"]), n, len(opts.requests))
     else:
         T, H, W = opts.frames or 81, opts.height or 336, opts.width or 592
     check_clip_size(T, H, W)
     # every trajectory is read before the model loads: a bad file costs nothing
     trajectories = [resolve_trajectory(r.trajectory, T, H, W, opts.trajectory_scale, opts.trajectory_speed, opts.fov)
                     for r in opts.requests]
+    # and every --image (I2V first frames: a missing or broken file is one line before the model loads)
+    first_frames = [None if r.image is None else read_first_frame(r.image, H, W) for r in opts.requests]
     out = Path(opts.out)
     check_writable_folder(out, create=False)  # a bad --out is one line before the model loads; created after
     batch = 2 if opts.guidance > 1.0 else 1
     session = open_session(opts.session, T, H, W, batch, require_stage2=True, what="generate", echo=echo)
-    for r in opts.requests:
-        _check_image(r, session.loaded.model.config)
+    for n, r in enumerate(opts.requests, start=1):
+        _check_image(r, session.loaded.model.config, n, len(opts.requests))
     check_output_folder(out)
     run_info = session.provenance()
     models = session.models()
     seen: dict[str, int] = {}
     with write_lock(out):
-        for n, (request, traj) in enumerate(zip(opts.requests, trajectories), start=1):
-            sid = sample_id_for(request, traj, opts, session.checkpoint_sha256, T, H, W)
+        for n, (request, traj, first) in enumerate(zip(opts.requests, trajectories, first_frames), start=1):
+            sid = sample_id_for(request, traj, opts, session.checkpoint_sha256, T, H, W,
+                                image_sha256=first.sha256 if first else None)
             if sid in seen:
-                raise GenerateError(f"request {n} repeats request {seen[sid]} (same prompt, seed and trajectory)")
+                raise GenerateError(f"request {n} repeats request {seen[sid]} (same prompt, seed, trajectory and "
+                                    "image)")
             seen[sid] = n
-            video, pred, sigma = sample_clip(session, request, traj, opts.steps, opts.guidance, opts.sampler)
+            video, pred, sigma = sample_clip(session, request, traj, opts.steps, opts.guidance, opts.sampler, first)
             frames = video_to_uint8(video)
             data, notes = prediction_sample(pred, 0, frames, GENERATED_FPS, f"generating {sid}", opts.points)
             settings = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
@@ -620,6 +766,12 @@ def generate(opts: GenerateOptions, command: str = "fwmodel generate",
                         "trajectory": {"spec": traj.spec, "source": traj.source, "scale": opts.trajectory_scale,
                                        "speed": opts.trajectory_speed, "fov_deg": opts.fov},
                         "geometry_sigma": sigma, "points": opts.points}
+            image_note = []
+            if first is not None:
+                settings["image_sha256"] = first.sha256
+                settings["image_size"] = [first.source_hw[1], first.source_hw[0]]  # width, height of the file
+                image_note = [f"image-to-video: first frame from {first.path} (sha256 {first.sha256}, "
+                              f"{first.source_hw[1]}x{first.source_hw[0]} resized to cover {W}x{H} and centre-cropped)"]
             record = SampleRecord(
                 id=sid, paths=sample_paths(sid), num_frames=T, height=H, width=W, fps=GENERATED_FPS,
                 scale="normalized",
@@ -631,7 +783,7 @@ def generate(opts: GenerateOptions, command: str = "fwmodel generate",
                                  resize_scale=(1.0, 1.0)),
                 notes=[f"generated from the prompt {request.prompt[:200]!r} (seed {request.seed}) along trajectory "
                        f"{traj.spec}; camera_params holds the PREDICTED cameras, "
-                       f"{REQUESTED_CAMERAS_DIR}/{sid}.json the requested ones", *notes],
+                       f"{REQUESTED_CAMERAS_DIR}/{sid}.json the requested ones", *image_note, *notes],
                 provenance=SampleProvenance(tool_version=__version__, options={"generate": settings, **run_info},
                                             models=models),
             )

@@ -182,6 +182,9 @@ class DPTHead(nn.Module):
         # Recompute each frame chunk's fusion in backward (set by FantasyWorldModel.gradient_checkpointing):
         # the full-resolution fusion is the largest activation of the whole model.
         self.gradient_checkpointing = False
+        # channels_last activations for the convolutions (speed.dpt_channels_last; set by fwmodel.train_step):
+        # the same values, in the layout cuDNN's fastest convolution kernels read. The weights are untouched.
+        self.channels_last = False
         oc = out_channels
         self.norm = nn.LayerNorm(dim_in)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, c, 1) for c in oc)
@@ -202,6 +205,12 @@ class DPTHead(nn.Module):
             nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, output_dim, 1)
         )
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] or [B, C, T, H, W] in channels_last (_3d) memory format when `channels_last`, else x."""
+        if not self.channels_last:
+            return x
+        return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+
     def _add_position(self, x: torch.Tensor, aspect_ratio: float) -> torch.Tensor:
         pos = uv_position_embedding(x.shape[-2], x.shape[-1], x.shape[1], aspect_ratio, x.device, x.dtype)
         return x + 0.1 * pos
@@ -217,12 +226,12 @@ class DPTHead(nn.Module):
         levels = []  # per level [B*T, oc_k, h_k, w_k]
         for k, tokens in enumerate(layers):
             x = self.norm(tokens[:, :, patch_start:])  # [B, S, h*w, dim_in]
-            x = x.reshape(B * S, h, w, -1).permute(0, 3, 1, 2)  # [B*S, dim_in, h, w]
+            x = self._layout(x.reshape(B * S, h, w, -1).permute(0, 3, 1, 2))  # [B*S, dim_in, h, w]
             x = self._add_position(self.projects[k](x), W / H)
             x = self.resize_layers[k](x)  # [B*S, oc_k, h_k, w_k]
             x = x.unflatten(0, (B, S)).transpose(1, 2)  # [B, oc_k, S, h_k, w_k]
-            x = self.temporal_upsamplers[k](x)  # [B, oc_k, T, h_k, w_k]
-            levels.append(x.transpose(1, 2).flatten(0, 1))
+            x = self.temporal_upsamplers[k](self._layout(x))  # [B, oc_k, T, h_k, w_k]
+            levels.append(self._layout(x.transpose(1, 2).flatten(0, 1)))
 
         fuse = self._fuse
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -58,15 +58,47 @@ def first_frame_condition(vae, first_frame: torch.Tensor, num_frames: int) -> to
 
     `vae` is a `fwmodel.cache.VideoEncoder` (posterior mode, normalised with latents_mean / latents_std:
     the same convention as the cached latents and diffusers' pipeline)."""
+    return with_mask(first_frame_latent(vae, first_frame, num_frames))
+
+
+@torch.no_grad()
+def first_frame_latent(vae, first_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The 16-channel part of the condition [B, 16, S, H/8, W/8] (fp32): the VAE latent of the video
+    [first frame, num_frames - 1 black frames] (what `fwmodel cache --image-encoder` stores)."""
     B, _, H, W = first_frame.shape
     video = torch.cat([first_frame[:, :, None], first_frame.new_zeros(B, 3, num_frames - 1, H, W)], dim=2)
-    latent = vae(video)
-    mask = condition_mask(num_frames, latent.shape[-2], latent.shape[-1], B).to(latent.device)
-    return torch.cat([mask, latent], dim=1)
+    return vae(video)
+
+
+def with_mask(latent: torch.Tensor) -> torch.Tensor:
+    """condition [B, 20, S, Hl, Wl] = concat(`condition_mask`, first-frame latent [B, 16, S, Hl, Wl]); also
+    for one sample ([16, S, Hl, Wl] -> [20, S, Hl, Wl]). The mask is rebuilt from the shape (T = 4(S-1)+1)."""
+    single = latent.dim() == 4
+    latent = latent[None] if single else latent
+    B, _, S, Hl, Wl = latent.shape
+    mask = condition_mask(VAE_TEMPORAL * (S - 1) + 1, Hl, Wl, B).to(device=latent.device, dtype=latent.dtype)
+    out = torch.cat([mask, latent], dim=1)
+    return out[0] if single else out
+
+
+def clip_processor_class():
+    """transformers' CLIP image processor: the PIL implementation where transformers has one (5.x; its default
+    class needs torchvision, which this project does not install, and warns on every build), else the classic
+    class (4.x, PIL-based already). Both resize, centre-crop and normalise alike."""
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
 
 
 def _tiny_clip(image_dim: int):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPImageProcessor = clip_processor_class()
 
     config = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim, num_hidden_layers=2,
                               num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH)
@@ -86,11 +118,18 @@ def random_tiny_image_encoder(image_dim: int, seed: int = RANDOM_TINY_SEED):
 
 def write_tiny_image_encoder(directory: Path, image_dim: int, seed: int = RANDOM_TINY_SEED) -> Path:
     """Save the random-tiny CLIP in the Wan I2V repository layout (image_encoder/, image_processor/) under
-    `directory`, beside fwmodel.cache.write_tiny_encoders' vae/ and text_encoder/. Returns `directory`."""
+    `directory`, beside fwmodel.cache.write_tiny_encoders' vae/ and text_encoder/, with the random marker
+    in image_encoder/ (so a cache made with it is marked random_init). Returns `directory`."""
+    import json
+
+    from fwmodel.cache import RANDOM_MARKER
+
     directory = Path(directory)
     processor, model = random_tiny_image_encoder(image_dim, seed)
     model.save_pretrained(directory / "image_encoder")
     processor.save_pretrained(directory / "image_processor")
+    (directory / "image_encoder" / RANDOM_MARKER).write_text(
+        json.dumps({"random_init": True, "image_dim": image_dim, "seed": seed}))
     return directory
 
 
@@ -101,6 +140,13 @@ def _component(path: Path, subfolder: str) -> Path:
     return path
 
 
+def _written_random(directory: Optional[Path]) -> bool:
+    """True for a CLIP written by `write_tiny_image_encoder` (or beside fwmodel.cache.write_tiny_encoders')."""
+    from fwmodel.cache import RANDOM_MARKER
+
+    return directory is not None and any((d / RANDOM_MARKER).is_file() for d in (directory, directory.parent))
+
+
 class ImageEncoder:
     """CLIP vision tower of a Wan I2V repository: first frames [B, 3, H, W] in [-1, 1] -> image tokens
     [B, N, image_dim] (fp32), the penultimate hidden states, as `WanImageToVideoPipeline.encode_image`.
@@ -109,7 +155,9 @@ class ImageEncoder:
     folder itself (the processor is looked for beside it), or `random-tiny` (`image_dim` wide)."""
 
     def __init__(self, path, device: torch.device, dtype: torch.dtype = torch.float32, image_dim: int = 16):
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import CLIPVisionModel
+
+        CLIPImageProcessor = clip_processor_class()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -155,11 +203,21 @@ class ImageEncoder:
         info = {"path": str(self.dir) if self.dir else RANDOM_TINY, "processor": str(self.processor_dir),
                 "class": type(self.model).__name__, "hidden_size": self.dim, "tokens": self.num_tokens,
                 "layer": "penultimate hidden states", "image_size": cfg.image_size,
-                "random_init": self.random_tiny}
+                "random_init": self.random_tiny or _written_random(self.dir)}
         if self.random_tiny:
             info.update(seed=RANDOM_TINY_SEED, built="in memory from a config, randomly initialised (no download): "
                         "its output means nothing")
         return info
+
+
+#: tokens of the released Wan I2V CLIP (ViT-H/14 at 224 x 224: 16 x 16 patches + the class token), width 1280
+RELEASED_IMAGE_TOKENS, RELEASED_IMAGE_DIM = 257, 1280
+
+
+def num_image_tokens(image_dim: int) -> int:
+    """Image tokens N of the CLIP a preset of this `image_dim` is trained with: 257 for the released
+    1280-wide ViT-H/14, else the random-tiny CLIP's (TINY_IMAGE_SIZE / TINY_PATCH)^2 + 1 = 5."""
+    return RELEASED_IMAGE_TOKENS if image_dim == RELEASED_IMAGE_DIM else (TINY_IMAGE_SIZE // TINY_PATCH) ** 2 + 1
 
 
 def is_i2v(model_config) -> bool:

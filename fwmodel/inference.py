@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from fwmodel.checkpoint import CheckpointError, load_trainable, read_sidecar, verify_checkpoint_file
 from fwmodel.pose import decode_pose
+
+if TYPE_CHECKING:
+    from fwmodel.config import ModelConfig
 
 
 class InferenceError(ValueError):
@@ -106,16 +109,28 @@ def run_config(path: Path, header: dict):
 
 
 def load_model(checkpoint: str | Path, wan_weights: Optional[str] = None, device: str = "auto",
-               allow_missing_sidecar: bool = False) -> LoadedModel:
+               allow_missing_sidecar: bool = False, release_preset: Optional[str | ModelConfig] = None) -> LoadedModel:
     """Load `checkpoint` (a step-N.safetensors of `fwmodel train`) for inference.
+
+    Also the released FantasyWorld weights (fwmodel.release): a release-layout .safetensors (no sidecar;
+    built as `release_preset` (a preset name, default wan2.1-i2v-14b, with the release switches, or a
+    ModelConfig that has them); the backbone must be
+    given: `wan_weights`), or a `fwmodel convert-release` checkpoint (its header names the release
+    switches). A release .pth is refused with the conversion command.
 
     Raises CheckpointError (damaged, mismatched, unreadable: the training checks) or
     ConfigError/BackboneWeightsError (the backbone cannot be found) with one-line messages,
     before any large weights are read when the checkpoint itself is bad.
     """
+    from fwmodel.release import RELEASE_PRESET, model_config_for, read_release_file, release_source
     from fwmodel.train_model import build_model
 
     path = Path(checkpoint)
+    kind = release_source(path)
+    if kind == "pickle":
+        read_release_file(path)  # refuses the pickle with the conversion command
+    if kind == "release":
+        return _load_release(path, wan_weights, device, release_preset or RELEASE_PRESET)
     header = verify_checkpoint_file(path, verify_hash=True, allow_missing_sidecar=allow_missing_sidecar)
     if header.get("stage") not in (1, 2):
         raise CheckpointError(f"checkpoint {path} has stage {header.get('stage')!r}; fwmodel writes stage 1 or 2")
@@ -126,9 +141,32 @@ def load_model(checkpoint: str | Path, wan_weights: Optional[str] = None, device
     if dev.type == "cpu":
         cfg.model.backbone_dtype = "float32"  # bf16 matmuls on a CPU are slow and gain nothing here
     log = _CollectLog()
-    model = build_model(cfg, dev, log)
+    config = model_config_for(header["preset"], header.get("fingerprint"), (read_sidecar(path) or {}).get("config"))
+    model = build_model(cfg, dev, log, config=config)
     load_trainable(model, path, int(header["stage"]), verify_hash=False, allow_missing_sidecar=allow_missing_sidecar)
     model.eval().requires_grad_(False)
+    return LoadedModel(model, cfg, header, path, dev, log.lines)
+
+
+def _load_release(path: Path, wan_weights: Optional[str], device: str, preset) -> LoadedModel:
+    """A release-layout file as a Stage-2 model of `release_config(preset)` (see `load_model`)."""
+    from fwmodel.release import RELEASE_FORMAT, load_release, release_config
+    from fwmodel.train_config import TrainConfig
+    from fwmodel.train_model import build_model
+
+    config = release_config(preset) if isinstance(preset, str) else preset
+    preset = config.name
+    cfg = TrainConfig()
+    cfg.train.stage, cfg.model.preset, cfg.model.wan_weights = 2, preset, wan_weights
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        cfg.model.backbone_dtype = "float32"
+    log = _CollectLog()
+    model = build_model(cfg, dev, log, config=config)
+    log.info(load_release(model, path).line())
+    model.eval().requires_grad_(False)
+    header = {"format": RELEASE_FORMAT, "preset": preset, "fingerprint": config.fingerprint(), "stage": 2,
+              "step": None}
     return LoadedModel(model, cfg, header, path, dev, log.lines)
 
 
@@ -149,12 +187,15 @@ class GeometryPrediction:
 @torch.no_grad()
 def predict(loaded: LoadedModel, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
             plucker: Optional[torch.Tensor] = None, video: bool = False,
-            amp: Optional[torch.dtype] = torch.bfloat16) -> GeometryPrediction:
+            amp: Optional[torch.dtype] = torch.bfloat16, condition: Optional[torch.Tensor] = None,
+            image_embeds: Optional[torch.Tensor] = None) -> GeometryPrediction:
     """One forward pass: latents [B, 16, S, Hl, Wl] at `timestep` [B] (0..1000), text [B, 512, D].
 
     `plucker` [B, T, H, W, 6] conditions the camera adapters (Stage 2); `video=True` also runs the
     video half and returns Wan's velocity prediction (generation); geometry-only otherwise.
     `amp`: the autocast dtype on a GPU (None: no autocast, e.g. `fwmodel generate --dtype fp32`).
+    I2V models also take `condition` [B, 20, S, Hl, Wl] and `image_embeds` [B, N, image_dim]
+    (fwmodel.i2v), cast like the latents.
     """
     model, dev = loaded.model, loaded.device
     dtype = next(model.backbone.parameters()).dtype
@@ -162,6 +203,8 @@ def predict(loaded: LoadedModel, latents: torch.Tensor, text: torch.Tensor, time
                 else _nullcontext())
     with autocast:
         out = model(latents.to(dev, dtype), timestep.to(dev), text.to(dev, dtype),
+                    condition=None if condition is None else condition.to(dev, dtype),
+                    image_embeds=None if image_embeds is None else image_embeds.to(dev, dtype),
                     plucker=None if plucker is None else plucker.to(dev), video=video and loaded.stage == 2)
     depth = out["depth"][..., 0].float()
     H, W = depth.shape[-2:]

@@ -119,7 +119,10 @@ def add_noise(latents: torch.Tensor, cfg: DiffusionConfig, seeds: list[int]) -> 
         index.append(int(torch.randint(lo, hi, (1,), generator=g)))
         noise.append(torch.randn(latents.shape[1:], generator=g))
     index_t = torch.tensor(index)
-    eps = torch.stack(noise).to(latents.device, torch.float32)
+    eps = torch.stack(noise)  # drawn on the CPU: the same noise on every machine
+    if latents.device.type == "cuda":  # an asynchronous copy from pinned memory: no host sync in the step
+        eps = eps.pin_memory()
+    eps = eps.to(latents.device, torch.float32, non_blocking=True)
     sigma = sigmas[index_t].float().to(latents.device)
     z0 = latents.float()
     s = sigma.view(-1, *[1] * (z0.ndim - 1))
@@ -189,17 +192,19 @@ def dense_loss(
     """
     pred, conf = pred.float(), conf.float()
     zero = (pred.sum() + conf.sum()) * 0  # keeps the graph connected when nothing is valid
-    if valid.sum() < max(cfg.min_valid_pixels, 1):
-        return {k: zero for k in ("total", "conf", "reg", "grad", "temporal")}
+    # No host sync (a Python `if` on a device value, or a boolean-indexed tensor of data-dependent size):
+    # too few valid pixels selects zeros with torch.where, and the quantile is read from the sorted errors
+    # (invalid ones sorted last as +inf) at a device-side index.
+    count = valid.sum()
+    enough = count >= max(cfg.min_valid_pixels, 1)
     residual = pred - gt
     err = residual.norm(dim=-1).clamp(max=cfg.clamp)  # [T, H, W]
     keep = valid
     if cfg.valid_quantile < 1:
-        values = err.detach()[valid]
-        if values.numel() > 1 << 24:  # quantile limit; a strided subsample estimates it well
-            values = values[:: values.numel() // (1 << 23) + 1]
-        k = max(1, int(round(cfg.valid_quantile * values.numel())))
-        threshold = values.float().kthvalue(k).values
+        inf = torch.full((), float("inf"), device=err.device)
+        ordered = torch.where(valid, err.detach(), inf).flatten().sort().values
+        k = (cfg.valid_quantile * count.double()).round().clamp(min=1).long()  # the k-th smallest valid error
+        threshold = ordered.gather(0, (k - 1).clamp(max=ordered.numel() - 1).view(1))[0]
         keep = valid & (err.detach() <= threshold)
     reg = _masked_mean(err, keep)
     conf_term = _masked_mean(cfg.conf_gamma * err * conf - cfg.conf_alpha * torch.log(conf), keep)
@@ -212,7 +217,7 @@ def dense_loss(
         out["temporal"] = _masked_mean(tgm, both)
         total = total + cfg.temporal_weight * out["temporal"]
     out["total"] = total
-    return out
+    return {key: torch.where(enough, value, zero) for key, value in out.items()}
 
 
 # --------------------------------------------------------------------------- camera loss
@@ -227,30 +232,34 @@ def camera_loss(
     the final iterate over all 9 numbers).
     """
     n = len(pose_list)
-    zero = sum(p.sum() for p in pose_list) * 0
-    if not frame_valid.any():
-        return {k: zero for k in ("total", "T", "R", "FL", "last")}
-    gt = gt[frame_valid].float()
+    gt = gt.float()
+    # means over the valid frames as masked sums (no boolean indexing: no host sync); 0 when none is valid
+    weight = frame_valid.float()[:, None]  # [T, 1]
+    frames = weight.sum()
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # x [T, C]: the mean over valid frames and the C numbers
+        return (x * weight).sum() / (frames * x.shape[-1]).clamp(min=1)
 
     def err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if cfg.camera_loss == "huber":
             return F.smooth_l1_loss(a, b, reduction="none", beta=1.0)
         return (a - b).abs()
 
+    zero = sum(p.sum() for p in pose_list) * 0  # keeps the graph connected when nothing is valid
     parts = {"T": zero, "R": zero, "FL": zero}
     for i, pred in enumerate(pose_list):
-        pred = pred[frame_valid].float()
+        pred = pred.float()
         w = cfg.camera_iteration_decay ** (n - 1 - i)
-        parts["T"] = parts["T"] + w * err(pred[:, :3], gt[:, :3]).clamp(max=cfg.clamp).mean()
-        parts["R"] = parts["R"] + w * err(pred[:, 3:7], gt[:, 3:7]).mean()
-        parts["FL"] = parts["FL"] + w * err(pred[:, 7:], gt[:, 7:]).mean()
+        parts["T"] = parts["T"] + w * mean(err(pred[:, :3], gt[:, :3]).clamp(max=cfg.clamp))
+        parts["R"] = parts["R"] + w * mean(err(pred[:, 3:7], gt[:, 3:7]))
+        parts["FL"] = parts["FL"] + w * mean(err(pred[:, 7:], gt[:, 7:]))
     parts = {k: v / n for k, v in parts.items()}
     total = (
         cfg.camera_translation_weight * parts["T"]
         + cfg.camera_rotation_weight * parts["R"]
         + cfg.camera_fov_weight * parts["FL"]
     )
-    last = (pose_list[-1][frame_valid].float() - gt).abs().mean()
+    last = mean((pose_list[-1].float() - gt).abs())
     return {"total": total, **parts, "last": last}
 
 

@@ -45,18 +45,55 @@ class FantasyWorldModel(nn.Module):
         self.geometry = GeometryBranch(config)
         self.interaction = Interaction(config)
         self.backbone.requires_grad_(False)
-        self.gradient_checkpointing = False
+        self.ac_every = 2
+        self.activation_checkpointing = "off"
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What backward recomputes: "full" (every Wan block, every IRG block and each DPT frame chunk),
+        "selective" (Wan PCB block j and IRG block i when j, i % `ac_every` == 0, and each DPT frame chunk)
+        or "off" (nothing: every activation is kept)."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        if mode not in ("full", "selective", "off"):
+            raise ValueError(f"activation checkpointing must be full, selective or off, got {mode!r}")
+        self._activation_checkpointing = mode
+        self.geometry.depth_head.gradient_checkpointing = mode != "off"
+        self.geometry.point_head.gradient_checkpointing = mode != "off"
 
     @property
     def gradient_checkpointing(self) -> bool:
-        """Recompute every Wan block, every IRG block and each DPT frame chunk in backward."""
-        return self._gradient_checkpointing
+        """True when some activation checkpointing is on; setting it means "full" (True) or "off" (False)."""
+        return self._activation_checkpointing != "off"
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
-        self._gradient_checkpointing = bool(value)
-        self.geometry.depth_head.gradient_checkpointing = bool(value)
-        self.geometry.point_head.gradient_checkpointing = bool(value)
+        self.activation_checkpointing = "full" if value else "off"
+
+    def compile_blocks(self, backend: str = "inductor") -> list[str]:
+        """Regional `torch.compile` (dynamic=False) of the repeated blocks, in place: parameter names, state
+        dicts and the module tree stay as they are (so compile before DDP / FSDP2 wrapping and checkpoint
+        loading alike). Compiled: each Wan block's self-attention, cross-attention and FFN (the block itself
+        is also run in halves around the interaction), each geometry frame block, each global block's two
+        halves, each bi-cross-attention and each camera adapter. Returns what was compiled, for the log."""
+        opts = dict(dynamic=False, backend=backend)
+        for block in self.backbone.wan.blocks:
+            for part in (block.attn1, block.attn2, block.ffn):
+                part.compile(**opts)
+        aggregator = self.geometry.aggregator
+        for block in aggregator.frame_blocks:
+            block.compile(**opts)
+        for block in aggregator.global_blocks:  # called half by half (fwmodel.model._irg_block)
+            block.attention_half = torch.compile(block.attention_half, **opts)
+            block.ffn_half = torch.compile(block.ffn_half, **opts)
+        for module in (*self.interaction.bicross, *self.interaction.camera_adapters):
+            module.compile(**opts)
+        return [f"{len(self.backbone.wan.blocks)} Wan blocks (attn1, attn2, ffn)",
+                f"{len(aggregator.frame_blocks)} frame blocks", f"{len(aggregator.global_blocks)} global blocks "
+                "(two halves)", f"{len(self.interaction.bicross)} bi-cross blocks",
+                f"{len(self.interaction.camera_adapters)} camera adapters"]
 
     def train(self, mode: bool = True) -> "FantasyWorldModel":
         """Set train/eval mode; the frozen backbone always stays in eval mode."""
@@ -120,7 +157,7 @@ class FantasyWorldModel(nn.Module):
         with torch.set_grad_enabled(pcb_needs_grad):
             h, wan_inputs = self.backbone.embed(model_input, timestep, text, image_embeds)
             for index in range(cfg.num_pcb_blocks):
-                h = self._run(self._wan_block, index, h, wan_inputs, camera)
+                h = self._run(index, self._wan_block, index, h, wan_inputs, camera)
 
         x, geo_inputs = self.geometry.start(h, wan_inputs.grid, timestep, gt_pose_enc)
         ropes = None  # 3-D RoPE tables of the bi-cross-attention (video, geometry)
@@ -131,7 +168,7 @@ class FantasyWorldModel(nn.Module):
         keep = set(cfg.geometry.dpt_layers) | {cfg.num_irg_blocks - 1}  # layers the heads read
         layers = {}
         for i in range(cfg.num_irg_blocks):
-            h, x, layer = self._run(self._irg_block, i, h, x, wan_inputs, geo_inputs, camera, ropes, video)
+            h, x, layer = self._run(i, self._irg_block, i, h, x, wan_inputs, geo_inputs, camera, ropes, video)
             if i in keep:
                 layers[i] = layer
 
@@ -171,8 +208,10 @@ class FantasyWorldModel(nn.Module):
         x = aggregator.global_ffn_half(i, x, geo_modulation)
         return h, x, torch.cat([frame_out, x], dim=-1)
 
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+    def _run(self, index: int, fn, *args):
+        """fn(*args), recomputed in backward when block `index` is checkpointed (`activation_checkpointing`)."""
+        mode = self._activation_checkpointing
+        if torch.is_grad_enabled() and (mode == "full" or (mode == "selective" and index % self.ac_every == 0)):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 

@@ -8,6 +8,8 @@ as training crops, `fwmodel.data.ResizePlan`):
         z = (1 - sigma) z0 + sigma eps, timestep = 1000 sigma
     prompt (default "") -> UMT5                                                     text [1, 512, D]
     one geometry-only forward (fwmodel.inference.predict, no camera conditioning)   depth, points, cameras
+    I2V checkpoints: conditioned on the clip's own frame 0 (fwmodel.i2v: first-frame condition and CLIP image
+    tokens, --image-encoder), as generation conditions on its --image
 
 Written with the build's writers (fwmodel.generate.prediction_sample, fwdata.dataset.store.write_sample):
 videos/<id>.mp4 (the clip as the model saw it), depth/, points/ (+ .ply) and camera_params/ (the
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fwmodel.generate import (
@@ -32,6 +33,7 @@ from fwmodel.generate import (
     SessionOptions,
     check_clip_size,
     checkpoint_header,
+    cover_crop_uint8,
     open_session,
     prediction_sample,
     write_outputs_metadata,
@@ -60,7 +62,6 @@ def read_clip(path: Path, start: int, stride: int, T: int, H: int, W: int):
     """(frames [T, H, W, 3] uint8 resized and cropped as training does, SourceRef, fps of the clip, id)."""
     from fwdata.dataset.contract import SourceRef, make_sample_id
     from fwdata.dataset.video import VideoError, content_fingerprint, probe, read_frames
-    from fwmodel.data import ResizePlan
 
     try:
         info = probe(path)
@@ -72,10 +73,7 @@ def read_clip(path: Path, start: int, stride: int, T: int, H: int, W: int):
     except VideoError as err:
         raise GenerateError(str(err)) from None
     hs, ws = raw.shape[1:3]
-    plan = ResizePlan.cover((hs, ws), (H, W))
-    x = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float()
-    x = plan.apply(x, "bilinear").clamp(0, 255).round().to(torch.uint8)
-    frames = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+    frames, plan = cover_crop_uint8(raw, H, W)
     sy, sx = plan.scaled_hw[0] / hs, plan.scaled_hw[1] / ws
     (y0, x0) = plan.crop_yx
     fingerprint = content_fingerprint(path)
@@ -133,8 +131,15 @@ def reconstruct(opts: ReconstructOptions, command: str = "fwmodel reconstruct",
             g = torch.Generator(device="cpu").manual_seed(int(opts.seed))
             eps = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(z0.device)
             noisy = (1 - sigma) * z0 + sigma * eps
+            condition = image_embeds = None
+            i2v_note = []
+            if session.i2v:  # the clip's own frame 0 is the first-frame condition
+                condition, image_embeds = session.i2v_inputs(video[:, :, 0], T)
+                i2v_note = ["image-to-video checkpoint: conditioned on the clip's own frame 0 (first-frame latent and "
+                            "CLIP image tokens)"]
             with session.model_running():
-                pred = predict(session.loaded, noisy, text, torch.tensor([sigma * 1000.0]), amp=session.amp)
+                pred = predict(session.loaded, noisy, text, torch.tensor([sigma * 1000.0]), amp=session.amp,
+                               condition=condition, image_embeds=image_embeds)
             indices = [source.start_frame + i * source.stride for i in range(T)]
             data, notes = prediction_sample(pred, 0, frames, fps, f"reconstructing {source.path}", opts.points,
                                             source_frames=indices, timestamps=[i / source.fps for i in indices])
@@ -145,7 +150,8 @@ def reconstruct(opts: ReconstructOptions, command: str = "fwmodel reconstruct",
                 depth_source=f"FantasyWorld geometry branch (fwmodel reconstruct), latents at sigma {sigma:g}",
                 source=source,
                 notes=[f"geometry predicted by {session.loaded.path.name} (Stage {session.loaded.stage}, step "
-                       f"{session.loaded.step}) from VAE latents noised to sigma {sigma:g} (seed {opts.seed})", *notes],
+                       f"{session.loaded.step}) from VAE latents noised to sigma {sigma:g} (seed {opts.seed})",
+                       *i2v_note, *notes],
                 provenance=SampleProvenance(tool_version=__version__, options={
                     "reconstruct": {"noise_sigma": sigma, "seed": opts.seed, "prompt": opts.prompt, "stride": stride,
                                     "points": opts.points},

@@ -53,14 +53,16 @@ from fwdata.textout import plural
 from fwmodel.config import ModelConfig, get_preset
 from fwmodel.data import DataError, StepSampler, TrainingDataset, move_batch
 from fwmodel.distributed import Dist, init_distributed
-from fwmodel.memory import GIB, check_fits, device_capacity, estimate_memory
+from fwmodel.i2v import is_i2v
+from fwmodel.memory import GIB, check_fits, config_estimate, device_capacity
 from fwmodel.progress import Mode, StepProgress
 from fwmodel.train_config import ConfigError, TrainConfig, config_toml
 from fwmodel.train_log import RunLogger, peak_memory_gib
 from fwmodel.train_model import build_model, check_init_from, load_stage1
-from fwmodel.parallel import wrap_model
+from fwmodel.parallel import local_frozen_numel, wrap_model
 from fwmodel.train_state import (ResumeError, SavedState, TrainState, list_states, load_state, load_weights,
                                  open_state, save_state, state_root)
+from fwmodel.speed import apply_speed, check_speed
 from fwmodel.train_step import build_optimizer, module_groups, train_step
 
 
@@ -118,12 +120,36 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
             f"`fwmodel cache {cfg.data.root} --config CONFIG --vae WAN_DIR --text-encoder WAN_DIR` (recommended), "
             "or set both paths"
         )
+    if cache is None and is_i2v(model_config) and cfg.model.image_encoder is None:
+        raise ConfigError(
+            f"preset {model_config.name} is image-to-video: without a latent cache holding its first-frame condition "
+            "set model.image_encoder (the Wan I2V repository or its image_encoder/ folder; --set "
+            "model.image_encoder=PATH) for encoding on the fly, or run `fwmodel cache ... --image-encoder PATH`")
     if not allowed and (found := random_init_findings(cfg, selection.random_init, len(selection.records), cache)):
         raise refuse_random_init(found)
     if shards is not None:
-        return ShardDataset(cfg.data, shards, selection, text_dim=model_config.wan.text_dim, cache=cache)
-    dataset = TrainingDataset(cfg.data, text_dim=model_config.wan.text_dim, cache=cache)
+        dataset = ShardDataset(cfg.data, shards, selection, text_dim=model_config.wan.text_dim, cache=cache)
+    else:
+        dataset = TrainingDataset(cfg.data, text_dim=model_config.wan.text_dim, cache=cache)
+    if cache is not None and is_i2v(model_config):  # after the coverage checks: the I2V part of every sample
+        cache.check_i2v(dataset.records, model_config.wan.image_dim)
     return dataset
+
+
+def _online_image_encoder(cfg: TrainConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The CLIP image encoder of model.image_encoder (fwmodel.i2v.ImageEncoder) for encoding on the fly;
+    ConfigError (one line) when it cannot be loaded or its width is not the preset's image_dim."""
+    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+
+    try:
+        encoder = ImageEncoder(cfg.model.image_encoder, device, dtype, model_config.wan.image_dim)
+    except ImageEncoderError as err:
+        raise ConfigError(f"model.image_encoder: {err}") from None
+    if encoder.dim != model_config.wan.image_dim:
+        raise ConfigError(f"model.image_encoder {cfg.model.image_encoder} gives image tokens of width {encoder.dim}, "
+                          f"but preset {model_config.name} expects {model_config.wan.image_dim}: use the preset's "
+                          "image encoder")
+    return encoder
 
 
 def _data_source(cfg: TrainConfig) -> str:
@@ -138,7 +164,7 @@ def make_loader(dataset: TrainingDataset, cfg: TrainConfig, d: Dist, start_micro
         stream = dataset.layout(cfg.train.batch_size, d.world_size, d.rank, cfg.train.seed, start=start_micro)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-            pin_memory=d.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=d.device.type == "cuda" and cfg.speed.pin_memory, persistent_workers=cfg.data.num_workers > 0,
             prefetch_factor=2 if cfg.data.num_workers > 0 else None,
         )
         return stream, loader
@@ -146,7 +172,7 @@ def make_loader(dataset: TrainingDataset, cfg: TrainConfig, d: Dist, start_micro
                           cfg.data.shuffle, start=start_micro)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=d.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=d.device.type == "cuda" and cfg.speed.pin_memory, persistent_workers=cfg.data.num_workers > 0,
         prefetch_factor=2 if cfg.data.num_workers > 0 else None,
     )
     return sampler, loader
@@ -169,7 +195,7 @@ def resolve_threads(cfg: TrainConfig, device: torch.device) -> tuple[Optional[in
     """(torch intra-op threads to set, or None to keep torch's; why) for `train.threads` on `device`."""
     n = cfg.train.threads
     if n is None:
-        if device.type == "cpu" and cfg.model.preset == "tiny":
+        if device.type == "cpu" and cfg.model.preset in ("tiny", "tiny-i2v"):
             return 1, "the default for the tiny preset on a CPU; --threads N to change"
         return None, "torch's default; --threads N to change"
     if n == 0:
@@ -291,8 +317,12 @@ def random_init_findings(cfg: TrainConfig, random_init: dict[str, list[str]], nu
                      f"initialised model ({', '.join(models)}; e.g. sample {next(iter(random_init))}): their depth "
                      "and points are not real")
     if cache is not None and cache.random_init:
-        found.append(f"the latent cache {cache.dir} was made with randomly initialised encoders (VAE/UMT5): its "
-                     "latents and text embeddings are not real")
+        found.append(f"the latent cache {cache.dir} was made with randomly initialised encoders (VAE/UMT5"
+                     f"{'/CLIP image encoder' if cache.info.get('image_encoder') else ''}): its latents and text "
+                     "embeddings are not real")
+    elif cache is None and encoders and is_random_encoder(cfg.model.image_encoder):
+        found.append("model.vae / model.text_encoder / model.image_encoder are randomly initialised: the latents, "
+                     "text embeddings and image tokens are not real")
     elif cache is None and encoders and (is_random_encoder(cfg.model.vae) or is_random_encoder(cfg.model.text_encoder)):
         found.append("model.vae / model.text_encoder are randomly initialised: the latents and text embeddings are "
                      "not real")
@@ -303,7 +333,8 @@ def refuse_random_init(found: list[str]) -> DataError:
     return DataError(
         "; ".join(found) + ". Training on them teaches nothing: build the dataset with a real depth model "
         "(`fwdata build --depth-model ...`) and cache it with the Wan weights (`fwmodel cache DATASET --vae WAN "
-        "--text-encoder WAN`), or, for tests and demos only, allow it: `fwmodel train ... --allow-random-init` "
+        "--text-encoder WAN`, plus --image-encoder WAN_I2V for an image-to-video preset), or, for tests and demos "
+        "only, allow it: `fwmodel train ... --allow-random-init` "
         "(sets data.allow_random_init_labels = true)"
     )
 
@@ -320,12 +351,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     random.seed(tcfg.seed + d.rank)
     np.random.seed(tcfg.seed + d.rank)
     model_config = get_preset(cfg.model.preset)
-    if model_config.wan.in_channels != 16 or model_config.wan.image_dim is not None:
-        raise ConfigError(
-            f"preset {model_config.name} is an image-to-video model: it needs the I2V condition (first-frame "
-            "latent + mask) and CLIP image tokens, which the trainer does not build yet; train a text-to-video "
-            "preset (wan2.1-t2v-1.3b)"
-        )
+    check_speed(cfg, d.device)  # [speed] flags this device cannot run: one line, before the data and the weights
     resuming = saved is not None
     if not resuming and stage == 2 and cfg.model.init_from is None:
         raise ConfigError(
@@ -369,10 +395,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
              f"{plural(global_batch, 'sample')} per step; {plural(tcfg.num_steps, 'step')}")
 
     # ---- preflight ----
-    act_bytes = 2 if cfg.model.mixed_precision == "bf16" else 4
-    est = estimate_memory(model_config, stage, tcfg.batch_size, cfg.data.num_frames, cfg.data.height, cfg.data.width,
-                          cfg.model.gradient_checkpointing, 2 if cfg.model.backbone_dtype == "bfloat16" else 4,
-                          act_bytes, d.world_size, online_encoders=not dataset.uses_cache)
+    est = config_estimate(cfg, d.world_size, online_encoders=not dataset.uses_cache)  # with train.parallel
     est.capacity, est.device = device_capacity(d.device)
     if cfg.memory.limit_gb:
         est.capacity, est.device = cfg.memory.limit_gb * GIB, f"{est.device} (memory.limit_gb)"
@@ -389,6 +412,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
 
     # ---- model, optimizer ----
     model = build_model(cfg, d.device, log)
+    for line in apply_speed(model, cfg, d.device):  # [speed]: before wrapping and the optimizer
+        log.info(line)
     if not resuming and cfg.model.init_from is not None:
         load_stage1(model, cfg.model.init_from, stage, log, allow_missing_sidecar)
     fsdp = d.enabled and tcfg.parallel == "fsdp2"
@@ -400,8 +425,11 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     groups = module_groups(model, stage)
     n_train = sum(p.numel() for ps in groups.values() for p in ps)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    where = f"outside {'FSDP2' if fsdp else 'DDP'}"
+    if fsdp and tcfg.fsdp_shard_backbone:  # [parallel] shard_backbone_blocks
+        where = f"Wan blocks sharded by FSDP2: {local_frozen_numel(model):,} held on this rank"
     log.info(f"parameters: {n_train:,} trainable ({', '.join(groups)}), {n_frozen:,} frozen (no grads, "
-             f"no optimizer state, outside {'FSDP2' if fsdp else 'DDP'})")
+             f"no optimizer state, {where})")
 
     state = TrainState()
     if resuming:
@@ -417,6 +445,8 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         enc_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
         encoders = (VideoEncoder(cfg.model.vae, d.device, enc_dtype),
                     TextEncoder(cfg.model.text_encoder, d.device, enc_dtype, text_dim=model_config.wan.text_dim))
+        if is_i2v(model_config):  # the CLIP of the first frames (fwmodel.i2v; model.image_encoder checked above)
+            encoders += (_online_image_encoder(cfg, model_config, d.device, enc_dtype),)
 
     sampler, loader = make_loader(dataset, cfg, d, start_micro=state.step * tcfg.grad_accum)
     data_iter = iter(loader)
@@ -432,6 +462,13 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
             batch = move_batch(batch, d.device)
             if encoders is not None:
                 with torch.no_grad():
+                    if len(encoders) > 2:  # I2V: the condition and image tokens of the clips' first frames
+                        from fwmodel.cache import encode_i2v
+                        from fwmodel.i2v import with_mask
+
+                        i2v = encode_i2v(batch["video"], encoders[0], encoders[2])
+                        batch["condition"], batch["image_embeds"] = with_mask(i2v["condition_latents"]), \
+                            i2v["image_embeds"]
                     batch["latents"] = encoders[0](batch.pop("video"))
                     batch["text"] = encoders[1](batch["text"])
             yield batch
@@ -457,6 +494,10 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         timing = {"wait": 0.0}
         out = train_step(ddp_model, micro_batches(timing), optimizer, scheduler, groups, cfg, d, step=step,
                          describe=describe if step == 1 else None)
+        if out.attention_kernels is not None:
+            kernels = ", ".join(f"{k} x {n}" for k, n in sorted(out.attention_kernels.items())) or "none"
+            log.info(f"attention: speed.attention_backend = {cfg.speed.attention_backend}; SDPA kernels of the first "
+                     f"forward: {kernels}")
         if out.skipped:
             state.skipped += 1
             state.consecutive_skipped += 1
@@ -471,14 +512,15 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
         else:
             state.consecutive_skipped = 0
         state.step = step
-        if d.device.type == "cuda":
+        log_step = step % tcfg.log_every == 0 or step == tcfg.num_steps or step == 1
+        if d.device.type == "cuda" and log_step:  # no host sync between log steps: the window's time is right
             torch.cuda.synchronize(d.device)
         dt = time.perf_counter() - t0
         window["time"] += dt
         window["wait"] += timing["wait"]
         window["steps"] += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.num_steps or step == 1:
+        if log_step:
             keys = sorted(out.losses)  # the host copies of the step's values: at log steps only
             values = d.all_reduce_mean(torch.stack([out.losses[k] for k in keys]))
             metrics = {k: float(v) for k, v in zip(keys, values.tolist())}

@@ -55,6 +55,16 @@ class TrainSection(_Section):
         "ddp", description="strategy of a multi-process run: ddp (replicated trainable part) or fsdp2 (sharded "
         "trainable parameters, gradients and optimizer state; fwmodel.parallel); same trajectory, not hashed"
     )
+    fsdp_shard_backbone: bool = Field(
+        False, description="with parallel = fsdp2: also shard the frozen Wan blocks (one FSDP2 unit each, "
+        "all-gathered for forward and backward, no gradients) instead of replicating them; same trajectory, not hashed"
+    )
+
+    @model_validator(mode="after")
+    def _check_shard_backbone(self) -> "TrainSection":
+        if self.fsdp_shard_backbone and self.parallel != "fsdp2":
+            raise ValueError("train.fsdp_shard_backbone = true needs train.parallel = \"fsdp2\"")
+        return self
 
 
 class ModelSection(_Section):
@@ -64,6 +74,9 @@ class ModelSection(_Section):
     )
     vae: Optional[Path] = Field(None, description="Wan VAE (repository root or vae/) for online encoding (no cache)")
     text_encoder: Optional[Path] = Field(None, description="UMT5 (repository root or text_encoder/) for online encoding")
+    image_encoder: Optional[Path] = Field(
+        None, description="CLIP image encoder of an image-to-video preset (Wan I2V repository root or image_encoder/, "
+        "or random-tiny) for online encoding of the first-frame condition and image tokens (no cache)")
     init_from: Optional[Path] = Field(None, description="Stage-1 checkpoint that Stage 2 starts from")
     gradient_checkpointing: bool = True
     backbone_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -93,6 +106,26 @@ class MemorySection(_Section):
     limit_gb: Optional[float] = Field(None, gt=0, description="memory per device to plan for (default: the GPU's)")
 
 
+class SpeedSection(_Section):
+    """Speed flags of the step (docs/TRAINING.md "Speed flags"). Each leaves the trajectory unchanged to float
+    tolerance (tests/train/test_speed_flags.py), so none is hashed for resume."""
+
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="SDPA kernel of every attention (ours and the Wan blocks'), through "
+        "torch.nn.attention.sdpa_kernel around forward and backward; auto: torch's choice. A CPU runs auto or math")
+    compile: Literal["off", "blocks"] = Field(
+        "off", description="blocks: regional torch.compile (dynamic=False) of each repeated block (Wan attention / "
+        "FFN, geometry frame and global blocks, bi-cross-attention, camera adapters), before DDP/FSDP2 wrapping")
+    fused_adamw: Optional[bool] = Field(
+        None, description="fused AdamW kernel; unset: fused on CUDA, foreach elsewhere; true also on a CPU")
+    activation_checkpointing: Optional[Literal["full", "selective", "off"]] = Field(
+        None, description="full: recompute every block and DPT chunk; selective: every ac_every-th block (DPT "
+        "chunks still recomputed); off: nothing. Unset: model.gradient_checkpointing (true = full, false = off)")
+    ac_every: int = Field(2, ge=1, description="selective checkpointing: recompute blocks 0, k, 2k, ...")
+    dpt_channels_last: bool = Field(False, description="DPT heads' convolutions on channels_last activations")
+    pin_memory: bool = Field(True, description="pinned DataLoader batches and non-blocking copies (CUDA only)")
+
+
 class TrainConfig(_Section):
     train: TrainSection = TrainSection()
     model: ModelSection = ModelSection()
@@ -101,6 +134,7 @@ class TrainConfig(_Section):
     loss: LossConfig = LossConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     memory: MemorySection = MemorySection()
+    speed: SpeedSection = SpeedSection()
 
     def output_dir(self) -> Path:
         return Path(self.train.output or Path("outputs") / f"fantasy_world_stage{self.train.stage}")
@@ -110,10 +144,12 @@ class TrainConfig(_Section):
 _RESUMABLE_CHANGES = {
     # batch_size may change with the number of GPUs as long as batch_size x GPUs stays (checked on resume)
     "train": {"num_steps", "checkpoint_every", "log_every", "output", "keep_states", "max_nonfinite_steps",
-              "dry_run_steps", "batch_size", "deterministic", "threads", "parallel"},
-    "model": {"wan_weights", "vae", "text_encoder", "init_from", "device", "gradient_checkpointing"},
+              "dry_run_steps", "batch_size", "deterministic", "threads", "parallel",
+              "fsdp_shard_backbone"},
+    "model": {"wan_weights", "vae", "text_encoder", "image_encoder", "init_from", "device", "gradient_checkpointing"},
     "data": {"root", "num_workers", "cache_dir", "cache", "allow_random_init_labels"},
     "memory": None,  # the whole section
+    "speed": None,  # same trajectory to float tolerance (tests/train/test_speed_flags.py)
 }
 
 
@@ -134,6 +170,31 @@ def hashed_config(cfg: TrainConfig) -> dict:
         out[section] = {k: v for k, v in values.items()
                         if k not in skip and not (k in late and v == defaults[section][k])}
     return out
+
+
+def parse_speed(items: list[str]) -> dict[str, Any]:
+    """["compile=blocks", "fused_adamw=true", ...] (`fwmodel bench --speed`) -> validated [speed] values;
+    ConfigError names a bad key or value."""
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--speed {item!r}: expected KEY=VALUE, e.g. --speed compile=blocks")
+        key, value = (t.strip() for t in item.split("=", 1))
+        values[key] = _parse_value(value)
+    try:
+        return SpeedSection.model_validate(values).model_dump(include=set(values))
+    except ValueError as err:
+        first = err.errors()[0] if hasattr(err, "errors") else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "?"
+        raise ConfigError(f"--speed {where}: {first.get('msg', err)}") from None
+
+
+def checkpointing_mode(cfg: TrainConfig) -> str:
+    """The activation checkpointing that runs: speed.activation_checkpointing, else model.gradient_checkpointing
+    (true: "full", false: "off")."""
+    if cfg.speed.activation_checkpointing is not None:
+        return cfg.speed.activation_checkpointing
+    return "full" if cfg.model.gradient_checkpointing else "off"
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -12,6 +12,10 @@ group, a skip when any rank saw a non-finite loss or gradient, clipping to optim
 the LR schedule, zeroed gradients. The losses and norms come back as tensors on the device: the
 caller decides when to copy them to the host (the trainer does at log steps). The one host sync in
 the step is the finite check, which decides whether the optimizer steps.
+
+The [speed] flags (fwmodel.speed): `apply_speed` sets the model-side ones before wrapping,
+`build_optimizer` reads speed.fused_adamw, and the step runs forward and backward in
+`attention_context` (the SDPA kernel of speed.attention_backend).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from fwmodel.data import mix_seed, plucker_for_batch
+from fwmodel.data import mix_seed
 from fwmodel.distributed import Dist
 from fwmodel.losses import add_noise, compute_losses
 from fwmodel.stages import trainable_module_names
+from fwmodel.speed import RecordAttention, attention_context, eager
 from fwmodel.train_config import OptimSection, TrainConfig
 
 
@@ -42,12 +47,18 @@ def lr_factor(step: int, cfg: OptimSection, num_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
+def fused_adamw(cfg: TrainConfig, device: torch.device) -> bool:
+    """speed.fused_adamw, unset: fused on CUDA (foreach elsewhere)."""
+    return cfg.speed.fused_adamw if cfg.speed.fused_adamw is not None else device.type == "cuda"
+
+
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
+    fused = fused_adamw(cfg, device)  # False: the foreach implementation
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=fused, foreach=None if fused else True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o, cfg.train.num_steps))
     return names, optimizer, scheduler
 
@@ -88,6 +99,12 @@ def grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> tuple[torch.Tenso
     return total, per_module
 
 
+def i2v_inputs(batch: dict, dtype: torch.dtype) -> dict:
+    """The image-to-video model inputs of a micro-batch, cast to `dtype`: "condition" [B, 20, S, Hl, Wl] and
+    "image_embeds" [B, N, image_dim] where the batch has them (fwmodel.i2v), else nothing (T2V)."""
+    return {k: batch[k].to(dtype) for k in ("condition", "image_embeds") if k in batch}
+
+
 @dataclass
 class StepResult:
     """What one `train_step` did. Tensors are 0-d fp32 on the device, this rank's values."""
@@ -97,6 +114,8 @@ class StepResult:
     module_grad_norms: dict[str, torch.Tensor]  # the same per module group (`module_groups`)
     lr: float  # the learning rate the step used (before the scheduler advanced)
     skipped: bool  # a non-finite loss or gradient on some rank: no optimizer step (the schedule advanced)
+    # with `describe`: the SDPA kernels of the first micro-batch's forward, kernel -> calls ("math": unfused)
+    attention_kernels: Optional[dict[str, int]] = None
 
 
 def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Optimizer, scheduler,
@@ -109,9 +128,12 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
     process: `Dist(device=...)`; autocast runs on d.device's type). Each
     micro-batch is a dict on the device: "latents" [B, 16, S, H/8, W/8], "text" [B, L, text_dim], the
     ground truth `compute_losses` reads (depth, points, pose_enc and their masks) and, for Stage 2,
-    "w2c" [B, T, 4, 4] and "K" [B, T, 3, 3] (pixels of cfg.data.height x width) for the Plucker rays.
+    "w2c" [B, T, 4, 4] and "K" [B, T, 3, 3] (pixels of cfg.data.height x width) for the Plucker rays;
+    for an image-to-video preset also "condition" and "image_embeds" (`i2v_inputs`).
     `groups`: the trainable parameters per module (`module_groups`). `describe(inputs, outputs)` is
-    called once with the first micro-batch's model inputs and outputs (the trainer logs their shapes).
+    called once with the first micro-batch's model inputs and outputs (the trainer logs their shapes);
+    that forward runs eagerly (no compiled blocks) with the SDPA kernels recorded (`attention_kernels`).
+    Forward and backward run in `attention_context(cfg)` (speed.attention_backend).
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -119,34 +141,42 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
 
     tcfg, stage = cfg.train, cfg.train.stage
     ddp, fsdp = isinstance(model, DistributedDataParallel), is_fsdp(model)
-    backbone = (model.module if ddp else model).backbone
+    core = model.module if ddp else model  # the FantasyWorldModel (FSDP2 shards it in place)
+    backbone = core.backbone
     backbone_dtype = next(backbone.parameters()).dtype
     autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.model.mixed_precision == "bf16"
                 else nullcontext())
     terms_sum: dict[str, torch.Tensor] = {}
     finite: list[torch.Tensor] = []
+    record = None
     for micro in range(tcfg.grad_accum):
         batch = next(micro_batches)
         k = (step - 1) * tcfg.grad_accum + micro  # global micro-batch index
         B = batch["latents"].shape[0]
         seeds = [mix_seed(tcfg.seed, k, d.rank * tcfg.batch_size + b, 7) for b in range(B)]
         noised = add_noise(batch["latents"], cfg.diffusion, seeds)
-        plucker = plucker_for_batch(batch["w2c"], batch["K"], cfg.data.height, cfg.data.width) if stage == 2 else None
+        # the rays of the model's own convention (config.interaction.plucker_intrinsics), as generation builds them
+        plucker = core.camera_rays(batch["w2c"], batch["K"], cfg.data.height, cfg.data.width) if stage == 2 else None
         sync = ddp and micro < tcfg.grad_accum - 1
         if fsdp:  # reduce-scatter the gradients on the last micro-batch only
             model.set_requires_gradient_sync(micro == tcfg.grad_accum - 1)
-        with (model.no_sync() if sync else nullcontext()), autocast:
-            outputs = model(noised.noisy.to(backbone_dtype), noised.timestep,
-                            batch["text"].to(backbone_dtype), plucker=plucker, video=stage == 2)
-            losses = compute_losses(outputs, batch, stage, cfg.loss, noised)
-        (losses.total / tcfg.grad_accum).backward()
+        if describe is not None and micro == 0:  # eager (recompute in backward too), SDPA kernels recorded
+            record = RecordAttention()
+        with attention_context(cfg), eager(record is not None and micro == 0), \
+                (model.no_sync() if sync else nullcontext()):
+            with autocast, (record if record is not None and micro == 0 else nullcontext()):
+                outputs = model(noised.noisy.to(backbone_dtype), noised.timestep,
+                                batch["text"].to(backbone_dtype), plucker=plucker, video=stage == 2,
+                                **i2v_inputs(batch, backbone_dtype))
+                losses = compute_losses(outputs, batch, stage, cfg.loss, noised)
+            (losses.total / tcfg.grad_accum).backward()
         finite.append(torch.isfinite(losses.total.detach()))
         for key, value in losses.terms.items():
             terms_sum[key] = terms_sum.get(key, 0) + value.float() / tcfg.grad_accum
         if describe is not None and micro == 0:
             describe({"latents": noised.noisy, "timestep": noised.timestep, "text": batch["text"],
                       "plucker": plucker, "depth": batch["depth"], "points": batch["points"],
-                      "pose_enc": batch["pose_enc"]}, outputs)
+                      "pose_enc": batch["pose_enc"], **i2v_inputs(batch, batch["latents"].dtype)}, outputs)
         del outputs, losses
 
     total_norm, module_norms = grad_norms(groups)
@@ -167,4 +197,4 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(terms_sum, total_norm, module_norms, lr, bad)
+    return StepResult(terms_sum, total_norm, module_norms, lr, bad, record.summary() if record is not None else None)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "fwdata/presets/build": {"default", "fast"},
     "fwdata/presets/gates": {"default", "strict"},
-    "fwmodel/recipes": {"stage1", "stage2", "tiny-stage1", "tiny-stage2"},
+    "fwmodel/recipes": {"stage1", "stage1-i2v-14b", "stage2", "stage2-i2v-14b", "tiny-stage1", "tiny-stage2"},
 }
 
 
@@ -43,8 +43,11 @@ def test_the_presets_live_in_the_packages_not_in_pipelines():
         assert {p.stem for p in (REPO / folder).glob("*.toml")} == names
     assert BUILD_PRESETS.names() == ["default", "fast"]
     assert GATE_FILES.names() == ["default", "strict"]
-    assert RECIPES.names() == ["stage1", "stage2", "tiny-stage1", "tiny-stage2"]
-    assert not list((REPO / "pipelines").rglob("*.toml"))  # launch scripts and CI examples only
+    assert RECIPES.names() == ["stage1", "stage1-i2v-14b", "stage2", "stage2-i2v-14b", "tiny-stage1", "tiny-stage2"]
+    # launch scripts and CI examples only; a .toml there is a relative link to the packaged recipe (one file)
+    for path in (REPO / "pipelines").rglob("*.toml"):
+        assert path.is_symlink() and not Path(path.readlink()).is_absolute(), path
+        assert path.resolve().parent == REPO / "fwmodel/recipes" and path.resolve().is_file(), path
 
 
 def test_every_kind_is_found_by_name_with_the_one_lookup():
@@ -95,7 +98,7 @@ def test_unknown_names_are_one_line_exit_2_for_every_command(tmp_path):
     text = _one_line_error(runner.invoke(fwmodel_app, ["train", "--stage", "1", "--config", "tiny-stage3",
                                                        "--data", str(tmp_path)]))
     assert "training recipe 'tiny-stage3'" in text
-    assert "available: stage1, stage2, tiny-stage1, tiny-stage2" in text and "`fwmodel recipes`" in text
+    assert "available: stage1, stage1-i2v-14b, stage2, stage2-i2v-14b, tiny-stage1, tiny-stage2" in text and "`fwmodel recipes`" in text
     text = _one_line_error(runner.invoke(fwmodel_app, ["cache", str(tmp_path), "--vae", "random-tiny",
                                                        "--text-encoder", "random-tiny", "--config", "nope"]))
     assert "training recipe 'nope'" in text
