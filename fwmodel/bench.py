@@ -1,6 +1,6 @@
 """`fwmodel bench`: time real training steps with synthetic inputs of the configured size.
 
-One step is the trainer's own step, `fwmodel.train_step.train_step`, on the trainer's model
+One step is the trainer's own step, `fwmodel.train.step.train_step`, on the trainer's model
 (`build_model`) and optimizer (`build_optimizer`: AdamW + LR schedule, default [optim] settings):
 seeded noise, Plucker rays from the cameras (Stage 2), forward (Stage 1: geometry only; Stage 2:
 video + geometry), the real losses, backward, the grad norms per module, clipping to optim.grad_clip,
@@ -32,13 +32,13 @@ import torch
 from pydantic import BaseModel
 
 from fwmodel.config import get_preset
-from fwmodel.distributed import Dist, allow_tf32
+from fwmodel.train.distributed import Dist, allow_tf32
 from fwmodel.memory import GIB, estimate_memory
-from fwmodel.train_config import TrainConfig, checkpointing_mode
-from fwmodel.train_log import RunLogger, peak_memory_gib
-from fwmodel.train_model import build_model
-from fwmodel.speed import apply_speed
-from fwmodel.train_step import StepResult, build_optimizer, module_groups, train_step
+from fwmodel.train.config import TrainConfig, checkpointing_mode
+from fwmodel.train.log import RunLogger, peak_memory_gib
+from fwmodel.train.model import build_model
+from fwmodel.train.speed import apply_speed
+from fwmodel.train.step import StepResult, build_optimizer, module_groups, train_step
 
 # Dense bf16 peak TFLOP/s (no sparsity). Checked in this order (H200 before H20).
 PEAK_TFLOPS = [
@@ -70,7 +70,7 @@ class BenchResult(BaseModel):
     mfu: Optional[float]
     peak_memory_gib: float
     estimated_memory_gib: float
-    speed: dict = {}  # the [speed] flags of the run (fwmodel.train_config.SpeedSection)
+    speed: dict = {}  # the [speed] flags of the run (fwmodel.train.config.SpeedSection)
     attention_kernels: Optional[dict[str, int]] = None  # SDPA kernels of the first warm-up forward
     grad_norm: float  # global grad norm of the last timed step, before clipping
     loss_total: float  # loss/total of the last timed step

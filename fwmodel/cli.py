@@ -95,8 +95,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fwmodel.inference import InferenceError
     from fwmodel.trajectories import TrajectoryError
     from fwmodel.memory import MemoryPreflightError
-    from fwmodel.train_config import ConfigError
-    from fwmodel.train_state import ResumeError
+    from fwmodel.train.config import ConfigError
+    from fwmodel.train.state import ResumeError
 
     return (BackboneWeightsError, CheckpointError, DataError, MemoryPreflightError, ConfigError, ResumeError,
             EvalError, InferenceError, GenerateError, TrajectoryError)
@@ -106,7 +106,7 @@ def _stage_config(config: Optional[Path], stage: int):
     """Check --stage against the config file's train.stage (a Stage-1 recipe run as Stage 2 is a mistake)."""
     import tomllib
 
-    from fwmodel.train_config import ConfigError, resolve_recipe
+    from fwmodel.train.config import ConfigError, resolve_recipe
 
     if config is None:
         return
@@ -213,7 +213,7 @@ def train(
     """
     from fwdata.runtime import Terminated, sigterm_as_interrupt
     from fwmodel.train import TrainingAborted
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
     from fwmodel.progress import choose_mode
     from fwmodel.train import train as run_train
 
@@ -299,7 +299,7 @@ def cache(
     from fwmodel.cache import CacheOptions, build_cache, is_random_encoder
     from fwmodel.config import get_preset
     from fwmodel.progress import StepProgress, cache_summary, choose_mode
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     sets = {"data.num_frames": frames, "data.height": height, "data.width": width, "data.frame_stride": stride,
             "data.split": split, "data.prompt": prompt}
@@ -354,7 +354,7 @@ def bench(
     """Time real training steps with synthetic inputs: step time, tokens/s, TFLOP/s, MFU, peak memory."""
     from fwmodel.bench import render, run_bench
     from fwmodel.config import PRESET_NAMES
-    from fwmodel.train_config import ConfigError, parse_speed
+    from fwmodel.train.config import ConfigError, parse_speed
 
     if preset not in PRESET_NAMES:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
@@ -545,7 +545,7 @@ def memory_cmd(
     import json
 
     from fwmodel.memory import GIB, PARALLEL, config_estimate, device_capacity, render_comparison
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     strategies = parallel or []
     if any(p not in PARALLEL for p in strategies) or format not in ("table", "json"):

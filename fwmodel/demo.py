@@ -148,7 +148,7 @@ def run_training(dataset: Path, out: Path, console, quiet: bool = False) -> dict
     from fwmodel.config import get_preset
     from fwmodel.progress import StepProgress, cache_summary
     from fwmodel.train import train
-    from fwmodel.train_config import load_config, resolve_recipe
+    from fwmodel.train.config import load_config, resolve_recipe
 
     out, dataset = Path(out), Path(dataset)
     recipes = {stage: resolve_recipe(f"tiny-stage{stage}") for stage in (1, 2)}  # packaged: works from any folder

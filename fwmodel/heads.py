@@ -182,7 +182,7 @@ class DPTHead(nn.Module):
         # Recompute each frame chunk's fusion in backward (set by FantasyWorldModel.gradient_checkpointing):
         # the full-resolution fusion is the largest activation of the whole model.
         self.gradient_checkpointing = False
-        # channels_last activations for the convolutions (speed.dpt_channels_last; set by fwmodel.train_step):
+        # channels_last activations for the convolutions (speed.dpt_channels_last; set by fwmodel.train.step):
         # the same values, in the layout cuDNN's fastest convolution kernels read. The weights are untouched.
         self.channels_last = False
         oc = out_channels

@@ -2,7 +2,7 @@
 
 Every after-training command (`fwmodel generate`, `reconstruct`, `eval`) loads its model here, so a
 damaged, mismatched or wrong-stage file is refused with exactly the messages training gives
-(`fwmodel.checkpoint`), and the model is built the way training built it (`fwmodel.train_model.build_model`):
+(`fwmodel.checkpoint`), and the model is built the way training built it (`fwmodel.train.model.build_model`):
 
 - the run's own config comes from the checkpoint's sidecar (`extra.train`, written by `save_state`);
   options given here (`wan_weights`, `device`) override only where a path or the device differs;
@@ -41,7 +41,7 @@ class LoadedModel:
     """A checkpoint's model ready for inference (eval mode, no gradients)."""
 
     model: torch.nn.Module  # FantasyWorldModel
-    config: object  # fwmodel.train_config.TrainConfig of the run that wrote the checkpoint
+    config: object  # fwmodel.train.config.TrainConfig of the run that wrote the checkpoint
     header: dict  # the checkpoint's header: format, preset, fingerprint, stage, step
     path: Path
     device: torch.device
@@ -91,7 +91,7 @@ def run_config(path: Path, header: dict):
     """
     from pydantic import ValidationError
 
-    from fwmodel.train_config import TrainConfig
+    from fwmodel.train.config import TrainConfig
 
     sidecar = read_sidecar(path) or {}
     train = (sidecar.get("extra") or {}).get("train")
@@ -123,7 +123,7 @@ def load_model(checkpoint: str | Path, wan_weights: Optional[str] = None, device
     before any large weights are read when the checkpoint itself is bad.
     """
     from fwmodel.release import RELEASE_PRESET, model_config_for, read_release_file, release_source
-    from fwmodel.train_model import build_model
+    from fwmodel.train.model import build_model
 
     path = Path(checkpoint)
     kind = release_source(path)
@@ -151,8 +151,8 @@ def load_model(checkpoint: str | Path, wan_weights: Optional[str] = None, device
 def _load_release(path: Path, wan_weights: Optional[str], device: str, preset) -> LoadedModel:
     """A release-layout file as a Stage-2 model of `release_config(preset)` (see `load_model`)."""
     from fwmodel.release import RELEASE_FORMAT, load_release, release_config
-    from fwmodel.train_config import TrainConfig
-    from fwmodel.train_model import build_model
+    from fwmodel.train.config import TrainConfig
+    from fwmodel.train.model import build_model
 
     config = release_config(preset) if isinstance(preset, str) else preset
     preset = config.name

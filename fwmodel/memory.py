@@ -5,14 +5,14 @@ token counts) with per-token constants measured on the diffusers Wan blocks and 
 meant to say "this cannot fit" early, not to predict the allocator to the megabyte. Pieces:
 
     frozen weights       backbone (+ the Stage-2 modules, frozen in Stage 1) at their dtype, replicated
-                         on every rank with either strategy (fwmodel.parallel leaves them out of FSDP2);
+                         on every rank with either strategy (fwmodel.train.parallel leaves them out of FSDP2);
                          fsdp2 with train.fsdp_shard_backbone: the Wan blocks / world_size (the rest of
                          the backbone, embeddings and head, replicated) plus two all-gathered copies of
                          the largest block in its stored dtype (the one running, the one prefetched)
     trainable state      fp32 weights + fp32 grads + AdamW (2 x fp32) of the N trainable parameters:
                          ddp:   16 N bytes on every rank [+ DDP buckets, 4 N, when world_size > 1]
                          fsdp2: 16 N / world_size (the dim-0 shards), plus the transient buffers of
-                         fwmodel.parallel's groups in the compute dtype c (2 for bf16, else 4):
+                         fwmodel.train.parallel's groups in the compute dtype c (2 for bf16, else 4):
                          gathered weights  (root + 2 x largest block group) x c   (the root group stays
                                            gathered forward through backward; one block group is
                                            prefetched while the previous one runs)
@@ -168,7 +168,7 @@ def estimate_memory(
     i2v = is_i2v(config)
 
     est = MemoryEstimate()
-    if fsdp and shard_backbone:  # fwmodel.parallel.shard_backbone_blocks
+    if fsdp and shard_backbone:  # fwmodel.train.parallel.shard_backbone_blocks
         n_blocks, n_block = backbone_blocks(config)
         est.parts["frozen backbone"] = (n_backbone - n_blocks + n_blocks / world_size) * backbone_bytes
         est.parts["frozen backbone: 2 gathered blocks"] = 2 * n_block * backbone_bytes
@@ -249,7 +249,7 @@ def _parameter_totals(config_json: str) -> tuple[int, int, int]:
 
 
 def fsdp_groups(config: ModelConfig, stage: int) -> tuple[int, int]:
-    """(root group, largest block group) trainable parameter counts of fwmodel.parallel's FSDP2 groups:
+    """(root group, largest block group) trainable parameter counts of fwmodel.train.parallel's FSDP2 groups:
     one group per geometry frame block, bi-cross-attention block and camera adapter with trainable
     parameters; the root group holds every other trainable parameter."""
     return _fsdp_groups(config.model_dump_json(), stage)
@@ -270,7 +270,7 @@ def _fsdp_groups(config_json: str, stage: int) -> tuple[int, int]:
 
 def backbone_blocks(config: ModelConfig) -> tuple[int, int]:
     """(all Wan blocks, the largest Wan block) frozen parameter counts: what train.fsdp_shard_backbone shards,
-    one FSDP2 unit per block (fwmodel.parallel.shard_backbone_blocks)."""
+    one FSDP2 unit per block (fwmodel.train.parallel.shard_backbone_blocks)."""
     return _backbone_blocks(config.model_dump_json())
 
 
@@ -285,12 +285,12 @@ def _backbone_blocks(config_json: str) -> tuple[int, int]:
 
 def config_estimate(cfg, world_size: int = 1, parallel: Optional[str] = None,
                     online_encoders: Optional[bool] = None) -> MemoryEstimate:
-    """The estimate of a training config (`fwmodel.train_config.TrainConfig`) on `world_size` ranks:
+    """The estimate of a training config (`fwmodel.train.config.TrainConfig`) on `world_size` ranks:
     `parallel` defaults to cfg.train.parallel; `online_encoders` (no latent cache) to data.cache = "off";
     train.fsdp_shard_backbone counts for fsdp2 only (so --parallel ddp compares the replicated backbone).
     The capacity is memory.limit_gb (GiB) when set."""
     from fwmodel.config import get_preset
-    from fwmodel.train_config import checkpointing_mode
+    from fwmodel.train.config import checkpointing_mode
 
     est = estimate_memory(get_preset(cfg.model.preset), cfg.train.stage, cfg.train.batch_size, cfg.data.num_frames,
                           cfg.data.height, cfg.data.width, checkpointing_mode(cfg) != "off",

@@ -479,7 +479,7 @@ def convert_release(src: str | Path, out: str | Path, to: str = "ours", preset: 
             raise ReleaseError(f"{src}: {len(bad)} tensors are not floating point (e.g. {release_name(bad[0], config)})")
         tensors = {k: t.to(torch.float32).contiguous() for k, t in mapping.tensors.items()}
         from fwmodel.checkpoint import check_finite
-        from fwmodel.train_config import TrainConfig
+        from fwmodel.train.config import TrainConfig
 
         check_finite(src, tensors)
         train = TrainConfig()

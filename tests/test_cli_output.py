@@ -260,8 +260,9 @@ def test_validate_random_init_failure_names_the_flag_and_the_flag_allows_it(ds, 
 
 def test_random_init_refusal_names_the_flag_and_the_flag_allows_it(monkeypatch, tmp_path):
     import fwmodel.train as train_module
+    from fwmodel.train.loop import refuse_random_init
 
-    message = str(train_module.refuse_random_init(["2 of the 2 training samples have labels made by ..."]))
+    message = str(refuse_random_init(["2 of the 2 training samples have labels made by ..."]))
     assert "--allow-random-init" in message and "data.allow_random_init_labels = true" in message
     seen = []
     monkeypatch.setattr(train_module, "train", lambda cfg, **kw: seen.append(cfg))

@@ -53,7 +53,7 @@ def test_the_presets_live_in_the_packages_not_in_pipelines():
 def test_every_kind_is_found_by_name_with_the_one_lookup():
     from fwdata.build.pipeline import load_config as load_build
     from fwdata.validate.gates import load_gates
-    from fwmodel.train_config import load_config as load_recipe
+    from fwmodel.train.config import load_config as load_recipe
 
     assert find_preset("fast", BUILD_PRESETS) == REPO / "fwdata/presets/build/fast.toml"
     fast = load_build("fast")

@@ -135,7 +135,7 @@ def workers_needed(cpu_per_sample: float, step_s: float, samples_per_step: int =
 
 def loader_config(root: Path, workers: int, frames: int = T, stride: int = 1, cache: bool = False):
     """The trainer's config for loading `root` (a dataset folder or shards) at frames x H x W."""
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     return load_config(None, {"data.root": str(root), "data.split": "all", "data.num_frames": frames, "data.height": H,
                               "data.width": W, "data.frame_stride": stride, "data.cache": "require" if cache else "off",
@@ -160,7 +160,7 @@ def measure(root: Path, workers: int, items: int, step_s: float = 0.0, frames: i
     """Load `items` batches through the trainer's loader, holding each for `step_s` seconds (a sleep that
     stands for the GPU step); samples/s, first batch (s), CPU-s/sample, data-wait fraction, peak PSS."""
     from fwmodel.config import get_preset
-    from fwmodel.distributed import Dist
+    from fwmodel.train.distributed import Dist
     from fwmodel.train import make_loader, prepare_data
 
     cfg = loader_config(root, workers, frames, stride, cache)

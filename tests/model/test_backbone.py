@@ -194,10 +194,10 @@ def weight_candidates(tmp_path_factory):
 
 def _train_accepts(weights: str, preset: str) -> bool:
     """What `fwmodel train` does with model.wan_weights: build_model, refusing with BackboneWeightsError."""
-    from fwmodel.distributed import Dist
-    from fwmodel.train_config import load_config
-    from fwmodel.train_log import RunLogger
-    from fwmodel.train_model import build_model
+    from fwmodel.train.distributed import Dist
+    from fwmodel.train.config import load_config
+    from fwmodel.train.log import RunLogger
+    from fwmodel.train.model import build_model
 
     recipe = Path(__file__).resolve().parents[2] / "fwmodel/recipes/tiny-stage1.toml"
     cfg = load_config(recipe, {"model.wan_weights": weights, "model.preset": preset})

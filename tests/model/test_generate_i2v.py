@@ -1,7 +1,7 @@
 """`fwmodel generate --image` / `reconstruct` with an image-to-video checkpoint (tiny-i2v preset, CPU).
 
 The checkpoints are written the way the trainer writes its own (`save_trainable` with the run's config in
-`extra.train`, as `fwmodel.train_state.save_state` does) from the model `build_model` makes for the tiny
+`extra.train`, as `fwmodel.train.state.save_state` does) from the model `build_model` makes for the tiny
 Stage-2 recipe with preset tiny-i2v (the trainer does not train I2V presets yet). VAE, UMT5 and CLIP are the
 `random-tiny` encoders; clips are 5 frames of 32x64, 2 denoising steps.
 """
@@ -41,8 +41,8 @@ SIZE = ["--frames", str(T), "--height", str(H), "--width", str(W), "--steps", "2
 def _checkpoint(root: Path, preset: str) -> Path:
     from fwmodel.checkpoint import save_trainable
     from fwmodel.inference import _CollectLog
-    from fwmodel.train_config import load_config
-    from fwmodel.train_model import build_model
+    from fwmodel.train.config import load_config
+    from fwmodel.train.model import build_model
 
     cfg = load_config(REPO / "fwmodel/recipes/tiny-stage2.toml",
                       {"model.preset": preset, "model.vae": "random-tiny", "model.text_encoder": "random-tiny"})

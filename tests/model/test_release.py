@@ -405,8 +405,8 @@ class _Log:
 
 
 def test_init_from_release_files(release_files):
-    from fwmodel.train_config import TrainConfig
-    from fwmodel.train_model import check_init_from, load_stage1, model_config
+    from fwmodel.train.config import TrainConfig
+    from fwmodel.train.model import check_init_from, load_stage1, model_config
 
     f = release_files
     cfg = TrainConfig()
@@ -497,7 +497,7 @@ def test_stage2_trains_from_the_converted_release_weights(release_files, tmp_pat
     from fwmodel.inference import load_model
     from fwmodel.release import checkpoint_config
     from fwmodel.train import train
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     torch.set_num_threads(1)
     data = tmp_path / "ds"

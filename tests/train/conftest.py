@@ -32,7 +32,7 @@ def dataset(tmp_path_factory, encoders) -> Path:
     """2 synthetic clips (9 frames, 64x96), cached for the tiny recipe (5 x 32x48) and for 5 x 16x32."""
     from fwdata.synth.dataset import SynthOptions, write_synthetic_dataset
     from fwmodel.cache import CacheOptions, build_cache
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     root = tmp_path_factory.mktemp("data") / "ds"
     write_synthetic_dataset(root, SynthOptions(num_scenes=2, num_frames=9, height=64, width=96, write_ply=False))
@@ -52,7 +52,7 @@ def dataset_copy(dataset, tmp_path) -> Path:
 
 
 def tiny_config(stage: int, data: Path, output: Path, **overrides):
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     values = {"data.root": str(data), "train.output": str(output)}
     values.update({k.replace("__", "."): v for k, v in overrides.items()})

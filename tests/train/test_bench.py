@@ -9,11 +9,11 @@ import torch
 
 from fwmodel.bench import bench_config, prepare_bench, run_bench, synthetic_batch
 from fwmodel.config import get_preset
-from fwmodel.distributed import Dist
-from fwmodel.train_config import load_config
-from fwmodel.train_log import RunLogger
-from fwmodel.train_model import build_model
-from fwmodel.train_step import build_optimizer, module_groups, train_step
+from fwmodel.train.distributed import Dist
+from fwmodel.train.config import load_config
+from fwmodel.train.log import RunLogger
+from fwmodel.train.model import build_model
+from fwmodel.train.step import build_optimizer, module_groups, train_step
 
 SIZE = dict(batch_size=1, num_frames=5, height=32, width=48)
 

@@ -95,7 +95,7 @@ def test_bad_config_values_are_named(dataset, recipes):
 
 
 def test_recipes_are_the_users(recipes):
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     s1, s2 = load_config(recipes[1].parent / "stage1.toml"), load_config(recipes[1].parent / "stage2.toml")
     assert (s1.train.stage, s1.train.num_steps, s1.train.checkpoint_every) == (1, 20000, 1000)

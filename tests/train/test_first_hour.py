@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import fwmodel.train_step as train_module
+import fwmodel.train.step as train_module
 from fwmodel.cli import app
 
 runner = CliRunner()
@@ -113,7 +113,7 @@ def _mark_random(ds, per_sample: bool) -> str:
 
 def test_real_recipes_refuse_random_init_labels_by_default(recipes):
     from fwmodel.data import DataConfig
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     assert DataConfig().allow_random_init_labels is False
     for name in ("stage1.toml", "stage2.toml"):
@@ -196,7 +196,7 @@ def test_threads_default_to_one_for_tiny_on_cpu_and_are_recorded(dataset, recipe
 
 def test_threads_default_is_torch_for_other_presets_and_devices(recipes):
     from fwmodel.train import resolve_threads
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     tiny = load_config(recipes[1])
     assert resolve_threads(tiny, torch.device("cpu"))[0] == 1

@@ -68,7 +68,7 @@ def i2v_cache(tmp_path_factory, dataset) -> Path:
 def f32_cache(tmp_path_factory, dataset) -> Path:
     """The same in float32 storage (no bf16 rounding): the cached-vs-online comparison."""
     from fwmodel.cache import CacheOptions, build_cache
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("i2v-cache-f32")
@@ -112,7 +112,7 @@ def test_condition_first_latent_frame_is_the_latents_first_frame(f32_cache, data
     """Causal VAE: latent frame 0 sees frame 0 only, so [first frame, black frames] and the clip agree there."""
     from fwmodel.cache import LatentCache
     from fwmodel.data import TrainingDataset
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     cache = LatentCache(f32_cache / SPEC)
     for sample_id, entry in cache.samples.items():
@@ -220,7 +220,7 @@ def test_i2v_without_cache_needs_model_image_encoder(dataset, tmp_path):
 def test_image_encoder_of_another_width_is_refused(dataset, make_config, tmp_path):
     from fwmodel.cache import CacheError, CacheOptions, build_cache
     from fwmodel.i2v import write_tiny_image_encoder
-    from fwmodel.train_config import ConfigError, load_config
+    from fwmodel.train.config import ConfigError, load_config
 
     torch.set_num_threads(1)
     root = tmp_path / "cache8"

@@ -26,7 +26,7 @@ def _cached_inputs(loaded):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_loaded_model_holds_the_checkpoint_and_the_runs_backbone(stage, stage1_checkpoint, stage2_checkpoint):
-    from fwmodel.train_model import build_model
+    from fwmodel.train.model import build_model
     from fwmodel.inference import _CollectLog, run_config
     from fwmodel.checkpoint import read_checkpoint_header
 

@@ -1,10 +1,10 @@
 """The memory preflight with FSDP2 and the I2V-14B recipes (fwmodel/memory.py, `fwmodel memory`).
 
-- FSDP2's trainable state is DDP's / world_size, plus the group buffers of fwmodel.parallel's groups;
+- FSDP2's trainable state is DDP's / world_size, plus the group buffers of fwmodel.train.parallel's groups;
 - train.fsdp_shard_backbone: the frozen Wan blocks / world_size plus two gathered blocks;
 - the 14B recipes: parameter counts of the reference (architecture section 6.1), FSDP2 fits 8 x 80 GB,
   DDP does not (Stage 2), the full 81 frames fit 80 GB with the sharded backbone, 96 GB only without;
-- measured: two gloo processes shard the tiny model with fwmodel.parallel.wrap_model and take one AdamW
+- measured: two gloo processes shard the tiny model with fwmodel.train.parallel.wrap_model and take one AdamW
   step; each rank's local shard bytes of weights, grads and both moments equal the estimate to 1 %, and
   the FSDP2 groups are the ones the estimate counts; with the backbone sharded too, each rank's local
   frozen bytes equal the estimate's frozen backbone to 1 %. (This file is also the torchrun worker of that test.)
@@ -79,7 +79,7 @@ def test_sharded_backbone_is_blocks_over_world_size_plus_two_gathered_blocks(sta
 
 
 def test_shard_backbone_option_needs_fsdp2_and_is_not_hashed():
-    from fwmodel.train_config import ConfigError, config_hash, load_config
+    from fwmodel.train.config import ConfigError, config_hash, load_config
 
     with pytest.raises(ConfigError, match="fsdp_shard_backbone = true needs train.parallel"):
         load_config("tiny-stage2", sets=["train.fsdp_shard_backbone=true"])  # parallel = ddp
@@ -112,7 +112,7 @@ def test_i2v_extras_image_context_and_clip_encoder():
 
 def test_the_14b_recipes_load_and_fit_8_x_80gb_with_fsdp2_only():
     from fwmodel.memory import config_estimate
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     base = {s: load_config(f"stage{s}") for s in (1, 2)}
     for stage in (1, 2):
@@ -151,7 +151,7 @@ def test_memory_command_table_json_and_exit_codes():
 
     from fwmodel.cli import app
     from fwmodel.memory import config_estimate
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     runner = CliRunner()
     args = ["memory", "--config", "stage2-i2v-14b", "--world-size", "8", "--limit-gb", "80"]
@@ -181,12 +181,12 @@ def _worker(out: Path) -> None:
     import torch
     from torch.distributed.fsdp import FSDPModule
 
-    from fwmodel.distributed import init_distributed
+    from fwmodel.train.distributed import init_distributed
     from fwmodel.model import FantasyWorldModel
     from fwmodel.config import get_preset
-    from fwmodel.parallel import local_frozen_numel, wrap_model
+    from fwmodel.train.parallel import local_frozen_numel, wrap_model
     from fwmodel.stages import set_trainable
-    from fwmodel.train_config import load_config
+    from fwmodel.train.config import load_config
 
     torch.set_num_threads(1)
     d = init_distributed("cpu")
@@ -197,7 +197,7 @@ def _worker(out: Path) -> None:
     set_trainable(model, 2)
     model = wrap_model(model, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
-    # torch's AdamW as the trainer builds it (fwmodel.train_step.build_optimizer) but the for-loop variant:
+    # torch's AdamW as the trainer builds it (fwmodel.train.step.build_optimizer) but the for-loop variant:
     # the same moments (zeros_like of each shard), while the first foreach step on ~300 DTensors costs ~20 s
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, foreach=False)
     for p in params:

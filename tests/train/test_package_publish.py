@@ -118,7 +118,7 @@ def test_verify_finds_a_flipped_byte_a_missing_and_an_extra_member(package, tmp_
 
 
 def test_with_state_packs_the_state_of_the_chosen_checkpoint_and_it_resumes(run_dir, tmp_path):
-    from fwmodel.train_state import open_state
+    from fwmodel.train.state import open_state
 
     out = tmp_path / "s.tar"
     r = runner.invoke(app, ["package", str(run_dir), "--out", str(out), "--checkpoint", "step-2.safetensors",

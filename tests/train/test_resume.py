@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fwmodel.train import train
-from fwmodel.train_state import ResumeError
+from fwmodel.train.state import ResumeError
 
 # Stage 2 (diffusion + geometry, adapters and cross-attention), 2 samples over several epochs,
 # 2 micro-steps per step: the noise, the data order and the optimizer state must all line up.

@@ -11,12 +11,12 @@ import torch
 from fwmodel.bench import synthetic_batch
 from fwmodel.config import get_preset
 from fwmodel.data import move_batch
-from fwmodel.distributed import Dist
-from fwmodel.train_config import ConfigError, config_hash, load_config, parse_speed
-from fwmodel.train_log import RunLogger
-from fwmodel.train_model import build_model
-from fwmodel.speed import COMPILE_BACKEND_ENV, apply_speed, check_speed
-from fwmodel.train_step import build_optimizer, module_groups, train_step
+from fwmodel.train.distributed import Dist
+from fwmodel.train.config import ConfigError, config_hash, load_config, parse_speed
+from fwmodel.train.log import RunLogger
+from fwmodel.train.model import build_model
+from fwmodel.train.speed import COMPILE_BACKEND_ENV, apply_speed, check_speed
+from fwmodel.train.step import build_optimizer, module_groups, train_step
 
 SETS = ['model.preset="tiny"', 'model.wan_weights="random"', 'model.backbone_dtype="float32"',
         'model.mixed_precision="no"', "data.num_frames=5", "data.height=32", "data.width=48",

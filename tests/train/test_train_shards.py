@@ -115,9 +115,9 @@ import json, sys
 from pathlib import Path
 import torch.distributed as dist
 from fwmodel.config import get_preset
-from fwmodel.distributed import init_distributed
+from fwmodel.train.distributed import init_distributed
 from fwmodel.train import make_loader, prepare_data
-from fwmodel.train_config import load_config
+from fwmodel.train.config import load_config
 
 shards, out, recipe, epochs = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cfg = load_config(Path(recipe), {"data.root": shards, "data.cache": "off", "model.vae": "random-tiny",

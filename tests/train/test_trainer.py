@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fwmodel.train_step as train_module
+import fwmodel.train.step as train_module
 from fwmodel.cli import app
 from fwmodel.memory import MemoryPreflightError, estimate_memory
 from fwmodel.train import train

@@ -7,21 +7,21 @@
 
 What one run does, in order (the module of each part in brackets; this one is the loop):
 
-    1. config       TrainConfig from TOML + CLI overrides (pydantic: every mistake named) [train_config]
+    1. config       TrainConfig from TOML + CLI overrides (pydantic: every mistake named) [config]
     2. distributed  torchrun / accelerate environment -> process group (NCCL on GPUs, gloo on CPU)
                     [distributed]
     3. data         dataset selection, latent cache lookup, resumable sampler (fails before any weight)
     4. preflight    estimated memory per GPU; refuses a configuration that cannot fit [memory]
     5. model        frozen Wan backbone (weights, bf16) + geometry/interaction (fp32 master weights);
-                    Stage 2 loads the Stage-1 file and says what it loaded [train_model]
+                    Stage 2 loads the Stage-1 file and says what it loaded [model]
     6. optimizer    AdamW over the stage's trainable parameters only; warmup + constant/cosine LR
-                    [train_step.build_optimizer]
-    7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N [train_state]
+                    [step.build_optimizer]
+    7. resume       weights, optimizer, scheduler, RNG, data position from OUTPUT/state/step-N [state]
     8. loop         one `train_step` per step (grad accumulation, bf16 autocast, grad clipping, grad
                     norms per module; DDP, or FSDP2 with train.parallel = "fsdp2" [parallel], over the
                     trainable part only: the frozen backbone is outside it, no gradient sync, no
                     broadcast, no optimizer state), non-finite steps skipped
-                    and counted, logs [train_log], checkpoints [train_state]
+                    and counted, logs [log], checkpoints [state]
 
 Outputs in OUTPUT (default outputs/fantasy_world_stage<N>/):
 
@@ -52,18 +52,18 @@ from fwdata import __version__
 from fwdata.textout import plural
 from fwmodel.config import ModelConfig, get_preset
 from fwmodel.data import DataError, StepSampler, TrainingDataset, move_batch
-from fwmodel.distributed import Dist, init_distributed
+from fwmodel.train.distributed import Dist, init_distributed
 from fwmodel.i2v import is_i2v
 from fwmodel.memory import GIB, check_fits, config_estimate, device_capacity
 from fwmodel.progress import Mode, StepProgress
-from fwmodel.train_config import ConfigError, TrainConfig, config_toml
-from fwmodel.train_log import RunLogger, peak_memory_gib
-from fwmodel.train_model import build_model, check_init_from, load_stage1
-from fwmodel.parallel import local_frozen_numel, wrap_model
-from fwmodel.train_state import (ResumeError, SavedState, TrainState, list_states, load_state, load_weights,
+from fwmodel.train.config import ConfigError, TrainConfig, config_toml
+from fwmodel.train.log import RunLogger, peak_memory_gib
+from fwmodel.train.model import build_model, check_init_from, load_stage1
+from fwmodel.train.parallel import local_frozen_numel, wrap_model
+from fwmodel.train.state import (ResumeError, SavedState, TrainState, list_states, load_state, load_weights,
                                  open_state, save_state, state_root)
-from fwmodel.speed import apply_speed, check_speed
-from fwmodel.train_step import build_optimizer, module_groups, train_step
+from fwmodel.train.speed import apply_speed, check_speed
+from fwmodel.train.step import build_optimizer, module_groups, train_step
 
 
 class TrainingAborted(RuntimeError):
@@ -417,7 +417,7 @@ def _train(cfg: TrainConfig, d: Dist, log: RunLogger, output: Optional[Path], sa
     if not resuming and cfg.model.init_from is not None:
         load_stage1(model, cfg.model.init_from, stage, log, allow_missing_sidecar)
     fsdp = d.enabled and tcfg.parallel == "fsdp2"
-    if fsdp:  # FSDP2 shards the model in place: weights loaded before, optimizer built after (fwmodel.parallel)
+    if fsdp:  # FSDP2 shards the model in place: weights loaded before, optimizer built after (fwmodel.train.parallel)
         if resuming:
             load_weights(output, saved, model, cfg, dataset.fingerprint, d, log, allow_missing_sidecar)
         model = wrap_model(model, cfg, d)

@@ -16,7 +16,7 @@ Wan block is sharded as its own unit instead (`shard_backbone_blocks`: all-gathe
 halves and the backward through it; no gradients, no reduce-scatter), the embeddings and head replicated. bf16 runs on a GPU use a
 MixedPrecisionPolicy (bf16 compute, fp32 gradient reduction); fp32 / CPU runs none.
 
-speed.compile = "blocks" compiles the blocks in place before `wrap_model` (`fwmodel.speed.apply_speed`):
+speed.compile = "blocks" compiles the blocks in place before `wrap_model` (`fwmodel.train.speed.apply_speed`):
 the module tree and parameter names stay, so DDP and the FSDP2 groups above wrap compiled blocks unchanged
 (FSDP2's hooks run outside the compiled graphs; tests/train/test_speed_flags.py).
 """
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fwmodel.distributed import Dist
-from fwmodel.train_config import TrainConfig
+from fwmodel.train.distributed import Dist
+from fwmodel.train.config import TrainConfig
 
 
 def is_fsdp(model: nn.Module) -> bool:

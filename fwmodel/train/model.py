@@ -13,8 +13,8 @@ import torch
 from fwmodel.checkpoint import CheckpointError, load_trainable, read_sidecar, verify_checkpoint_file
 from fwmodel.config import get_preset
 from fwmodel.stages import TRAINED_PARTS, set_trainable
-from fwmodel.train_config import ConfigError, TrainConfig
-from fwmodel.train_log import RunLogger
+from fwmodel.train.config import ConfigError, TrainConfig
+from fwmodel.train.log import RunLogger
 
 
 def build_model(cfg: TrainConfig, device: torch.device, log: RunLogger, config=None):

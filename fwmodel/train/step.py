@@ -13,7 +13,7 @@ the LR schedule, zeroed gradients. The losses and norms come back as tensors on 
 caller decides when to copy them to the host (the trainer does at log steps). The one host sync in
 the step is the finite check, which decides whether the optimizer steps.
 
-The [speed] flags (fwmodel.speed): `apply_speed` sets the model-side ones before wrapping,
+The [speed] flags (fwmodel.train.speed): `apply_speed` sets the model-side ones before wrapping,
 `build_optimizer` reads speed.fused_adamw, and the step runs forward and backward in
 `attention_context` (the SDPA kernel of speed.attention_backend).
 """
@@ -29,11 +29,11 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from fwmodel.data import mix_seed
-from fwmodel.distributed import Dist
+from fwmodel.train.distributed import Dist
 from fwmodel.losses import add_noise, compute_losses
 from fwmodel.stages import trainable_module_names
-from fwmodel.speed import RecordAttention, attention_context, eager
-from fwmodel.train_config import OptimSection, TrainConfig
+from fwmodel.train.speed import RecordAttention, attention_context, eager
+from fwmodel.train.config import OptimSection, TrainConfig
 
 
 def lr_factor(step: int, cfg: OptimSection, num_steps: int) -> float:
@@ -124,7 +124,7 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
     """Optimizer step number `step` (1-based) over cfg.train.grad_accum micro-batches from `micro_batches`.
 
     `model` is the FantasyWorldModel, its DistributedDataParallel wrapper, or the model sharded by
-    FSDP2 (`fwmodel.parallel.wrap_model`; one
+    FSDP2 (`fwmodel.train.parallel.wrap_model`; one
     process: `Dist(device=...)`; autocast runs on d.device's type). Each
     micro-batch is a dict on the device: "latents" [B, 16, S, H/8, W/8], "text" [B, L, text_dim], the
     ground truth `compute_losses` reads (depth, points, pose_enc and their masks) and, for Stage 2,
@@ -137,7 +137,7 @@ def train_step(model, micro_batches: Iterator[dict], optimizer: torch.optim.Opti
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from fwmodel.parallel import is_fsdp
+    from fwmodel.train.parallel import is_fsdp
 
     tcfg, stage = cfg.train, cfg.train.stage
     ddp, fsdp = isinstance(model, DistributedDataParallel), is_fsdp(model)

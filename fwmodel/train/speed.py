@@ -6,7 +6,7 @@ and `fwmodel bench`:
                                         # activation checkpointing, channels_last DPT heads, regional compilation
     with attention_context(cfg): ...    # forward and backward on speed.attention_backend's SDPA kernel
 
-`fwmodel.train_step.train_step` runs its forward and backward in `attention_context` and records, on the
+`fwmodel.train.step.train_step` runs its forward and backward in `attention_context` and records, on the
 first micro-batch, which SDPA kernels ran (`RecordAttention`); `build_optimizer` reads speed.fused_adamw.
 None of the flags changes the trajectory beyond float tolerance (tests/train/test_speed_flags.py).
 """
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from fwmodel.train_config import ConfigError, TrainConfig, checkpointing_mode
+from fwmodel.train.config import ConfigError, TrainConfig, checkpointing_mode
 
 
 # torch.compile backend of speed.compile = "blocks". Tests set FWMODEL_COMPILE_BACKEND=aot_eager (no C compiler
@@ -67,7 +67,7 @@ def apply_speed(model, cfg: TrainConfig, device: torch.device) -> list[str]:
         head.channels_last = sp.dpt_channels_last
     ac = model.activation_checkpointing + (f" (every {sp.ac_every}th block, DPT chunks)"
                                            if model.activation_checkpointing == "selective" else "")
-    from fwmodel.train_step import fused_adamw
+    from fwmodel.train.step import fused_adamw
 
     fused = fused_adamw(cfg, device)
     lines = [f"speed: attention {sp.attention_backend}, activation checkpointing {ac}, "

@@ -53,7 +53,7 @@ class TrainSection(_Section):
     )
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp", description="strategy of a multi-process run: ddp (replicated trainable part) or fsdp2 (sharded "
-        "trainable parameters, gradients and optimizer state; fwmodel.parallel); same trajectory, not hashed"
+        "trainable parameters, gradients and optimizer state; fwmodel.train.parallel); same trajectory, not hashed"
     )
     fsdp_shard_backbone: bool = Field(
         False, description="with parallel = fsdp2: also shard the frozen Wan blocks (one FSDP2 unit each, "

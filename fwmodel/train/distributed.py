@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fwmodel.train_config import ConfigError
+from fwmodel.train.config import ConfigError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fwmodel.distributed import Dist
+from fwmodel.train.distributed import Dist
 from fwmodel.memory import GIB
 
 

@@ -29,11 +29,11 @@ from safetensors.torch import save_file
 
 from fwdata import __version__
 from fwmodel.checkpoint import file_sha256, load_trainable, save_trainable, verify_checkpoint_file
-from fwmodel.distributed import Dist
-from fwmodel.parallel import full_trainable_state, is_fsdp, load_full_optimizer
-from fwmodel.train_config import TrainConfig, config_hash, hashed_config
-from fwmodel.train_log import RunLogger
-from fwmodel.train_model import warn_missing_sidecar
+from fwmodel.train.distributed import Dist
+from fwmodel.train.parallel import full_trainable_state, is_fsdp, load_full_optimizer
+from fwmodel.train.config import TrainConfig, config_hash, hashed_config
+from fwmodel.train.log import RunLogger
+from fwmodel.train.model import warn_missing_sidecar
 
 STATE_FORMAT = "fwmodel-train-state"
 MANIFEST = "manifest.json"  # written last into each state/step-N/: size and sha256 of every other file
@@ -115,7 +115,7 @@ def _full_optimizer_dict(tensors: dict, groups: list, names: list[str]) -> dict:
 
 class _Consolidated:
     """What `save_trainable` reads of a model (`config`, `named_parameters`), for full tensors gathered
-    from FSDP2 shards (`fwmodel.parallel.full_trainable_state`)."""
+    from FSDP2 shards (`fwmodel.train.parallel.full_trainable_state`)."""
 
     def __init__(self, config, tensors: dict[str, torch.Tensor]):
         self.config, self._tensors = config, tensors
@@ -253,7 +253,7 @@ def save_state(output: Path, model, optimizer, scheduler, names, state: TrainSta
                data_fp: str, data_source: str, d: Dist, log: RunLogger) -> Path:
     """step-N.safetensors (+ sidecar) and state/step-N/; written under temporary names, then renamed.
 
-    `data_source` ("folder" or "shards", `fwmodel.train._data_source`) is recorded in trainer.json.
+    `data_source` ("folder" or "shards", `fwmodel.train.loop._data_source`) is recorded in trainer.json.
     """
     step = state.step
     weights = output / f"step-{step}.safetensors"
