@@ -270,7 +270,7 @@ def test_sigterm_is_reported_like_ctrl_c_with_exit_143(dataset, recipes, tmp_pat
 
 
 def test_docs_recipes_and_messages_use_hf_not_huggingface_cli():
-    files = [*sorted((REPO / "fwmodel").glob("*.py")), REPO / "docs/TRAINING.md", REPO / "docs/MODEL.md",
+    files = [*sorted((REPO / "fwmodel").rglob("*.py")), REPO / "docs/TRAINING.md", REPO / "docs/MODEL.md",
              *sorted((REPO / "pipelines/train").iterdir()),
              *sorted((REPO / "fwmodel/recipes").glob("*.toml"))]
     import re
