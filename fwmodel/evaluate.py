@@ -314,7 +314,7 @@ def eval_dataset(loaded, opts: EvalOptions):
 def eval_image_encoder(loaded, preset):
     """The CLIP image encoder of an I2V checkpoint evaluated without a latent cache: the run's
     `model.image_encoder`, else the one its latent cache recorded (EvalError when neither is known)."""
-    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+    from fwmodel.i2v import ImageEncoderError, load_image_encoder
     from fwmodel.inference import _cache_encoder
 
     path = getattr(loaded.config.model, "image_encoder", None) or _cache_encoder(loaded.config, "image_encoder")
@@ -323,13 +323,9 @@ def eval_image_encoder(loaded, preset):
                         "latent cache with its first-frame condition: cache it with `fwmodel cache DATASET ... "
                         "--image-encoder PATH` or set model.image_encoder in the run's config")
     try:
-        encoder = ImageEncoder(str(path), loaded.device, image_dim=preset.wan.image_dim)
+        return load_image_encoder(str(path), loaded.device, torch.float32, preset)
     except ImageEncoderError as err:
         raise EvalError(str(err)) from None
-    if encoder.dim != preset.wan.image_dim:
-        raise EvalError(f"image encoder {path}: its tokens are {encoder.dim} wide, preset {preset.name} takes "
-                        f"{preset.wan.image_dim}")
-    return encoder
 
 
 def evaluate_checkpoint(path: Path, opts: EvalOptions, progress: Optional[Callable[[str], None]] = None):

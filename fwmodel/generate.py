@@ -289,18 +289,14 @@ def image_encoder_path(opts: SessionOptions, cfg, checkpoint: Path) -> str:
 
 
 def load_image_encoder(path: str, device: torch.device, dtype: torch.dtype, model_config):
-    """fwmodel.i2v.ImageEncoder at `path`, checked against the model's image token width (GenerateError)."""
-    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+    """fwmodel.i2v.load_image_encoder (the preset's token width checked), its error as a GenerateError."""
+    from fwmodel.i2v import ImageEncoderError
+    from fwmodel.i2v import load_image_encoder as load_checked
 
     try:
-        encoder = ImageEncoder(path, device, dtype, image_dim=model_config.wan.image_dim)
+        return load_checked(path, device, dtype, model_config)
     except ImageEncoderError as err:
-        raise GenerateError(str(err)) from None
-    if encoder.dim != model_config.wan.image_dim:
-        raise GenerateError(f"--image-encoder {path}: its tokens are {encoder.dim} wide, but preset "
-                            f"{model_config.name} takes image tokens of width {model_config.wan.image_dim} (the Wan2.1 "
-                            "I2V models use CLIP ViT-H/14, 1280)")
-    return encoder
+        raise GenerateError(f"--image-encoder: {err}") from None
 
 
 def _is_tiny(text_encoder: Optional[str], cfg) -> bool:

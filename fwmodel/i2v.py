@@ -220,6 +220,17 @@ def num_image_tokens(image_dim: int) -> int:
     return RELEASED_IMAGE_TOKENS if image_dim == RELEASED_IMAGE_DIM else (TINY_IMAGE_SIZE // TINY_PATCH) ** 2 + 1
 
 
+def load_image_encoder(path, device: torch.device, dtype: torch.dtype, model_config) -> ImageEncoder:
+    """The `ImageEncoder` at `path` for an I2V preset, checked to give tokens of the preset's image_dim
+    (ImageEncoderError, one line, otherwise). The one check the trainer, eval and generation make."""
+    want = model_config.wan.image_dim
+    encoder = ImageEncoder(path, device, dtype, image_dim=want)
+    if encoder.dim != want:
+        raise ImageEncoderError(f"image encoder {path} gives image tokens of width {encoder.dim}, but preset "
+                                f"{model_config.name} expects {want} (the Wan2.1 I2V models use CLIP ViT-H/14, 1280)")
+    return encoder
+
+
 def is_i2v(model_config) -> bool:
     """True for an image-to-video preset (36 input channels and CLIP image tokens)."""
     return model_config.wan.in_channels == 16 + CONDITION_CHANNELS and model_config.wan.image_dim is not None

@@ -139,17 +139,12 @@ def prepare_data(cfg: TrainConfig, model_config: ModelConfig) -> TrainingDataset
 def _online_image_encoder(cfg: TrainConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype):
     """The CLIP image encoder of model.image_encoder (fwmodel.i2v.ImageEncoder) for encoding on the fly;
     ConfigError (one line) when it cannot be loaded or its width is not the preset's image_dim."""
-    from fwmodel.i2v import ImageEncoder, ImageEncoderError
+    from fwmodel.i2v import ImageEncoderError, load_image_encoder
 
     try:
-        encoder = ImageEncoder(cfg.model.image_encoder, device, dtype, model_config.wan.image_dim)
+        return load_image_encoder(cfg.model.image_encoder, device, dtype, model_config)
     except ImageEncoderError as err:
         raise ConfigError(f"model.image_encoder: {err}") from None
-    if encoder.dim != model_config.wan.image_dim:
-        raise ConfigError(f"model.image_encoder {cfg.model.image_encoder} gives image tokens of width {encoder.dim}, "
-                          f"but preset {model_config.name} expects {model_config.wan.image_dim}: use the preset's "
-                          "image encoder")
-    return encoder
 
 
 def _data_source(cfg: TrainConfig) -> str:
